@@ -1,0 +1,49 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "(.+?)"', (here / "trl_noise_ppo" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="trl-noise-ppo",
+    version=version,
+    description="Noise PPO for TRL: fine-tune any text-to-image diffusion pipeline by learning its initial noise with PPO.",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["trl_noise_ppo", "trl_noise_ppo.*"]),
+    package_data={
+        "trl_noise_ppo": [
+            "templates/*.md",
+            "shapes/weights/*/*.json",
+            "shapes/weights/*/*.txt",
+            "shapes/weights/*/*.safetensors",
+            "shapes/weights/*/*/*.json",
+            "shapes/weights/*/*/*.txt",
+            "shapes/weights/*/*/*.safetensors",
+        ]
+    },
+    install_requires=[
+        "torch>=2.4",
+        "trl>=1.16,<2",
+        "diffusers>=0.42,<0.43",
+        "transformers>=5.0",
+        "accelerate>=1.10.1",
+        "datasets>=4.7",
+        "peft>=0.17",
+        "huggingface_hub>=1.0",
+        "safetensors",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

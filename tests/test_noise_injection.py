@@ -1,0 +1,72 @@
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DModel
+
+from tests.tiny_pipelines import build_pipeline
+from trl_noise_ppo import NoiseGeneratorConfig
+from trl_noise_ppo.noise_injection import (
+    NoiseSpec,
+    check_generator_fits,
+    check_pipeline_takes_noise,
+    discover_noise_spec,
+    encode_prompts,
+)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return build_pipeline("sd")
+
+
+@pytest.mark.parametrize("height,width,expected", [(64, 64, (4, 32, 32)), (96, 64, (4, 48, 32))])
+def test_noise_spec_is_read_from_the_pipeline(sd, height, width, expected):
+    spec = discover_noise_spec(sd, {"prompt": "a cat", "height": height, "width": width, "num_inference_steps": 2})
+    assert spec == NoiseSpec(shape=expected, dtype=torch.float32, device=torch.device("cpu"))
+    # the dry run leaves the pipeline as it was
+    assert "prepare_latents" not in vars(sd)
+
+
+def test_noise_spec_follows_pipeline_dtype():
+    pipe = build_pipeline("sd").to(torch.bfloat16)
+    spec = discover_noise_spec(pipe, {"prompt": "a cat", "num_inference_steps": 1})
+    assert spec.dtype == torch.bfloat16
+
+
+def test_encode_prompts_reads_the_family_embeddings(sd):
+    embeds = encode_prompts(sd, ["a cat", "a dog"])
+    assert set(embeds) == {"prompt_embeds"}
+    assert embeds["prompt_embeds"].shape[:2] == (2, 77)
+    # the same embeddings the pipeline computes for itself
+    expected, _ = sd.encode_prompt(["a cat", "a dog"], "cpu", 1, False)
+    torch.testing.assert_close(embeds["prompt_embeds"], expected, rtol=0, atol=0)
+
+    sdxl_embeds = encode_prompts(build_pipeline("sdxl"), ["a cat"])
+    assert set(sdxl_embeds) == {"prompt_embeds", "pooled_prompt_embeds"}
+    assert sdxl_embeds["pooled_prompt_embeds"].ndim == 2
+
+
+def test_pipelines_without_noise_seam_are_refused(sd):
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    with pytest.raises(ValueError, match="no `latents` argument"):
+        check_pipeline_takes_noise(DDIMPipeline(unet=unet, scheduler=DDIMScheduler()))
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    with pytest.raises(ValueError, match="input image"):
+        check_pipeline_takes_noise(img2img)
+    check_pipeline_takes_noise(sd)
+
+
+def test_generator_mismatch_is_explained(sd):
+    embeds = encode_prompts(sd, ["a cat"])
+    spec = NoiseSpec(shape=(4, 32, 32), dtype=torch.float32, device=torch.device("cpu"))
+    fitting = NoiseGeneratorConfig(noise_shape=[4, 32, 32], prompt_embeds_dim=32, pipeline_class="StableDiffusionPipeline")
+    check_generator_fits(fitting, spec, embeds, sd)
+
+    wrong_resolution = NoiseGeneratorConfig(noise_shape=[4, 64, 64], prompt_embeds_dim=32, pipeline_class="X")
+    with pytest.raises(ValueError, match=r"shape \[4, 64, 64\].*\[4, 32, 32\].*height and width"):
+        check_generator_fits(wrong_resolution, spec, embeds, sd)
+    wants_pooled = NoiseGeneratorConfig(noise_shape=[4, 32, 32], prompt_embeds_dim=32, pooled_prompt_embeds_dim=32)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds` of width 32, but the pipeline's are absent"):
+        check_generator_fits(wants_pooled, spec, embeds, sd)

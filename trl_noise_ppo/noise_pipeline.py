@@ -1,0 +1,164 @@
+import json
+import os
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import HfApi
+
+from .noise_generator import NoiseGenerator
+from .noise_injection import check_generator_fits, check_pipeline_takes_noise, discover_noise_spec, encode_prompts
+
+
+NOISE_GENERATOR_FOLDER = "noise_generator"
+
+
+class NoisePPOPipeline:
+    r"""
+    A text-to-image pipeline whose initial noise comes from a trained [`NoiseGenerator`]. It takes the same call
+    arguments as the pipeline it wraps and returns the same outputs; every attribute of the wrapped pipeline
+    (`scheduler`, `enable_model_cpu_offload`, ...) is reachable on it.
+
+    Noise is `x_T = mu(c) + sigma(c) * eps`. `eps` is drawn as the wrapped pipeline would draw its own noise (same
+    `generator`, shape and dtype), or is the `latents` you pass: with an untrained generator the images are exactly
+    those of the wrapped pipeline for the same seed or `latents`. Pass `noise="mean"` to use `x_T = mu(c)`; note that
+    this noise is far smoother than what the frozen model was trained on, so sampling (the default) is usually better,
+    and a seeded `generator` already makes it deterministic.
+
+    Args:
+        pipeline (`DiffusionPipeline`): the frozen text-to-image pipeline; it must accept `latents=`.
+        noise_generator ([`NoiseGenerator`]): the trained generator; it must fit the pipeline.
+
+    Examples:
+
+    ```python
+    >>> from trl_noise_ppo import NoisePPOPipeline
+    >>> pipe = NoisePPOPipeline.from_pretrained("user/sd-turbo-noise-ppo")  # base pipeline id read from the generator
+    >>> image = pipe("a cat", num_inference_steps=1, guidance_scale=0.0).images[0]
+    ```
+    """
+
+    def __init__(self, pipeline: DiffusionPipeline, noise_generator: NoiseGenerator):
+        check_pipeline_takes_noise(pipeline)
+        self.pipeline = pipeline
+        self.noise_generator = noise_generator
+        self._noise_specs = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, noise_generator: NoiseGenerator | str | None = None, **kwargs
+    ) -> "NoisePPOPipeline":
+        """
+        Loads a base pipeline and a noise generator. `pretrained_model_name_or_path` is one of:
+
+        - a folder written by [`NoisePPOPipeline.save_pretrained`] (the generator is in its `noise_generator/`);
+        - a noise generator (Hub id or folder) alone: the base pipeline is the one recorded in its config;
+        - a base pipeline (Hub id or folder), with `noise_generator` given as a [`NoiseGenerator`], Hub id or folder.
+
+        Other keyword arguments (`torch_dtype`, `revision`, `variant`, ...) go to `DiffusionPipeline.from_pretrained`.
+        """
+        path = str(pretrained_model_name_or_path)
+        if noise_generator is None and os.path.isdir(os.path.join(path, NOISE_GENERATOR_FOLDER)):
+            noise_generator = NoiseGenerator.from_pretrained(os.path.join(path, NOISE_GENERATOR_FOLDER))
+            base = path
+        elif noise_generator is None:
+            noise_generator = NoiseGenerator.from_pretrained(path)
+            base = noise_generator.config.base_pipeline
+            if not base:
+                raise ValueError(
+                    f"The noise generator at {path} does not record its base pipeline; pass it: "
+                    f"NoisePPOPipeline.from_pretrained('<base pipeline id>', noise_generator='{path}')."
+                )
+        else:
+            base = path
+            if not isinstance(noise_generator, NoiseGenerator):
+                noise_generator = NoiseGenerator.from_pretrained(noise_generator)
+        return cls(DiffusionPipeline.from_pretrained(base, **kwargs), noise_generator)
+
+    def save_pretrained(self, save_directory: str, push_to_hub: bool = False, **kwargs) -> None:
+        """Saves the wrapped pipeline and, in its `noise_generator/` subfolder, the generator; loads back with
+        [`NoisePPOPipeline.from_pretrained`]. With `push_to_hub=True` the folder is uploaded to `repo_id` (keyword)."""
+        if os.path.isfile(os.path.join(save_directory, "config.json")):
+            raise ValueError(
+                f"{save_directory} holds a model (config.json); saving a pipeline there would mix the two. Choose an "
+                "empty folder."
+            )
+        repo_id = kwargs.pop("repo_id", None)
+        self.pipeline.save_pretrained(save_directory, **kwargs)
+        self.noise_generator.save_pretrained(os.path.join(save_directory, NOISE_GENERATOR_FOLDER))
+        if push_to_hub:
+            api = HfApi(token=kwargs.get("token"))
+            repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(save_directory)), exist_ok=True).repo_id
+            api.upload_folder(repo_id=repo_id, folder_path=save_directory)
+
+    def to(self, *args, **kwargs) -> "NoisePPOPipeline":
+        self.pipeline.to(*args, **kwargs)
+        self.noise_generator.to(device=self.pipeline.device)
+        self._noise_specs.clear()
+        return self
+
+    def __getattr__(self, name):
+        # Called only for attributes NoisePPOPipeline lacks: everything else behaves as the wrapped pipeline.
+        if name in ("pipeline", "noise_generator", "_noise_specs"):
+            raise AttributeError(name)
+        return getattr(self.pipeline, name)
+
+    def __repr__(self) -> str:
+        return f"NoisePPOPipeline(pipeline={self.pipeline!r}, noise_generator={json.dumps(self.noise_generator.config.to_diff_dict())})"
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        noise: str = "sample",
+        **kwargs,
+    ):
+        """
+        Calls the wrapped pipeline with the generator's noise. All arguments are the wrapped pipeline's, except:
+
+        Args:
+            latents (`torch.Tensor`, *optional*):
+                Unit Gaussian noise `eps` of the pipeline's own latent shape, turned into `mu + sigma * eps`. Drawn from
+                `generator` if not given.
+            noise (`str`, *optional*, defaults to `"sample"`):
+                `"sample"` draws from the generator's policy; `"mean"` uses its mean `mu` and ignores `eps`.
+        """
+        if noise not in ("sample", "mean"):
+            raise ValueError(f"noise must be 'sample' or 'mean', got {noise!r}.")
+        if "prompt_embeds" in kwargs:
+            embeds = {name: kwargs.pop(name) for name in ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask") if name in kwargs}
+        elif prompt is None:
+            raise ValueError("NoisePPOPipeline needs a `prompt` (or `prompt_embeds`): the noise generator reads it.")
+        else:
+            embeds = encode_prompts(self.pipeline, [prompt] if isinstance(prompt, str) else list(prompt))
+        call_kwargs = {**kwargs, **embeds, "num_images_per_prompt": num_images_per_prompt, "generator": generator}
+
+        spec_key = (kwargs.get("height"), kwargs.get("width"))
+        if spec_key not in self._noise_specs:
+            first_prompt = {name: value[:1] for name, value in embeds.items()}
+            spec = discover_noise_spec(self.pipeline, {**kwargs, **first_prompt, "num_images_per_prompt": 1})
+            check_generator_fits(self.noise_generator.config, spec, embeds, self.pipeline)
+            self._noise_specs[spec_key] = spec
+        spec = self._noise_specs[spec_key]
+
+        batch_size = len(embeds["prompt_embeds"]) * num_images_per_prompt
+        if latents is None:
+            latents = randn_tensor((batch_size, *spec.shape), generator=generator, device=spec.device, dtype=spec.dtype)
+        elif tuple(latents.shape) != (batch_size, *spec.shape):
+            raise ValueError(
+                f"latents has shape {list(latents.shape)}, but {batch_size} image(s) of this pipeline need "
+                f"{[batch_size, *spec.shape]}."
+            )
+        generator_device = next(self.noise_generator.parameters()).device
+        mu, log_sigma = self.noise_generator(
+            prompt_embeds=embeds["prompt_embeds"].to(generator_device),
+            pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(generator_device) if "pooled_prompt_embeds" in embeds else None,
+        )
+        mu = mu.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
+        log_sigma = log_sigma.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
+        noise_tensor = mu if noise == "mean" else mu + torch.exp(log_sigma) * latents.to(spec.device, torch.float32)
+        return self.pipeline(**call_kwargs, latents=noise_tensor.to(spec.dtype))

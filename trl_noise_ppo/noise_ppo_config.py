@@ -1,0 +1,166 @@
+from dataclasses import dataclass, field
+
+from trl.trainer.base_config import _BaseConfig
+
+
+@dataclass
+class NoisePPOConfig(_BaseConfig):
+    r"""
+    Configuration class for the [`NoisePPOTrainer`].
+
+    This class includes only the parameters that are specific to Noise PPO training. For a full list of training
+    arguments, please refer to the [`~transformers.TrainingArguments`] documentation. Note that default values in this
+    class may differ from those in [`~transformers.TrainingArguments`].
+
+    Using [`~transformers.HfArgumentParser`] we can turn this class into
+    [argparse](https://docs.python.org/3/library/argparse#module-argparse) arguments that can be specified on the
+    command line.
+
+    Parameters:
+        > Parameters that control the images
+
+        num_inference_steps (`int`, *optional*, defaults to `1`):
+            Number of denoising steps of the frozen pipeline. Noise PPO helps most at few steps.
+        guidance_scale (`float` or `None`, *optional*, defaults to `None`):
+            Classifier-free guidance scale passed to the pipeline. `None` keeps the pipeline's own default. Distilled
+            one-step models (SD-Turbo, SDXL-Turbo) want `0.0`.
+        height (`int` or `None`, *optional*, defaults to `None`):
+            Image height in pixels. `None` keeps the pipeline's default. The noise generator is trained for this
+            resolution.
+        width (`int` or `None`, *optional*, defaults to `None`):
+            Image width in pixels. `None` keeps the pipeline's default.
+        num_generations (`int`, *optional*, defaults to `8`):
+            Number of images sampled per prompt. Advantages are normalised within each prompt's group, so it must be
+            at least 2.
+        sample_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Most images passed to the pipeline in one call while sampling; a multiple of `num_generations`. `None`
+            samples the whole generation batch in one call. Lower it if sampling runs out of memory.
+
+        > Parameters that control the PPO update
+
+        num_iterations (`int`, *optional*, defaults to `4`):
+            PPO epochs over each generation batch. Images are sampled once; only the cheap generator is re-evaluated.
+        steps_per_generation (`int` or `None`, *optional*, defaults to `None`):
+            Number of optimisation micro-steps each generation batch is split into. `None` uses
+            `gradient_accumulation_steps`. The generation batch holds `per_device_train_batch_size *
+            steps_per_generation` images per process.
+        epsilon (`float`, *optional*, defaults to `0.2`):
+            Clip range of the PPO ratio. The ratio is the geometric mean over the noise's dimensions of the
+            per-dimension density ratio, so the usual PPO range applies whatever the noise size.
+        beta (`float`, *optional*, defaults to `0.01`):
+            Weight of the closed-form KL(N(mu, sigma^2) || N(0, I)) per noise dimension, which keeps the noise close
+            to the prior the frozen model was trained on. `0.0` disables it.
+        advantage_clip (`float`, *optional*, defaults to `5.0`):
+            Group-normalised advantages are clipped to `[-advantage_clip, advantage_clip]`.
+        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+            Weights of the reward functions. `None` weights each reward `1.0`.
+
+        > Parameters that control the noise generator
+
+        learn_sigma (`bool`, *optional*, defaults to `False`):
+            Whether a new generator also learns the noise's standard deviation. With `False` it is fixed at 1 and only
+            the mean moves. Ignored when a trained generator is given.
+        generator_hidden_dim (`int`, *optional*, defaults to `256`):
+            Width of the MLP of a new generator that reads the prompt embedding.
+        generator_grid_size (`int`, *optional*, defaults to `8`):
+            Side of a new generator's coarse grid, upsampled by convolutions to the noise resolution.
+        generator_grid_channels (`int`, *optional*, defaults to `64`):
+            Channels of a new generator's grid and upsampling convolutions.
+
+        > Parameters that differ from those of [`~transformers.TrainingArguments`]
+
+        learning_rate (`float`, *optional*, defaults to `1e-4`):
+            Initial learning rate for the [`~torch.optim.AdamW`] optimiser.
+        per_device_train_batch_size (`int`, *optional*, defaults to `8`):
+            Images per process per micro-step.
+        logging_steps (`float`, *optional*, defaults to `1`):
+            Log every this many optimiser steps.
+        gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+            The generator is small; checkpointing it would only cost time.
+        bf16 (`bool`, *optional*, defaults to `False`):
+            The generator trains in float32; the frozen pipeline keeps the dtype it was loaded in.
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Every dataset column is passed to the reward functions.
+    """
+
+    # Parameters that control the images
+    num_inference_steps: int = field(
+        default=1, metadata={"help": "Number of denoising steps of the frozen pipeline."}
+    )
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "Classifier-free guidance scale; None keeps the pipeline's default (use 0.0 for Turbo models)."},
+    )
+    height: int | None = field(default=None, metadata={"help": "Image height; None keeps the pipeline's default."})
+    width: int | None = field(default=None, metadata={"help": "Image width; None keeps the pipeline's default."})
+    num_generations: int = field(
+        default=8, metadata={"help": "Images sampled per prompt; advantages are normalised within each group."}
+    )
+    sample_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Most images per pipeline call while sampling (a multiple of num_generations); None: all."},
+    )
+
+    # Parameters that control the PPO update
+    num_iterations: int = field(default=4, metadata={"help": "PPO epochs over each generation batch."})
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={"help": "Micro-steps each generation batch is split into; None uses gradient_accumulation_steps."},
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "Clip range of the (dimension-averaged) PPO ratio."})
+    beta: float = field(default=0.01, metadata={"help": "Weight of KL(N(mu, sigma^2) || N(0, I)) per dimension."})
+    advantage_clip: float = field(default=5.0, metadata={"help": "Clip group-normalised advantages to +/- this."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the reward functions; None weights each 1.0."}
+    )
+
+    # Parameters that control the noise generator
+    learn_sigma: bool = field(
+        default=False, metadata={"help": "Whether a new generator learns the noise's standard deviation too."}
+    )
+    generator_hidden_dim: int = field(default=256, metadata={"help": "Width of a new generator's prompt MLP."})
+    generator_grid_size: int = field(default=8, metadata={"help": "Side of a new generator's coarse grid."})
+    generator_grid_channels: int = field(default=64, metadata={"help": "Channels of a new generator's grid."})
+
+    # Parameters that differ from those of TrainingArguments
+    learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate for AdamW."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Images per process per micro-step."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X optimiser steps."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "The generator is small; checkpointing it would only cost time."}
+    )
+    bf16: bool | None = field(default=False, metadata={"help": "The generator trains in float32."})
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep every dataset column: they are passed to the reward functions."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be at least 2 (got {self.num_generations}): advantages are normalised within "
+                "each prompt's group of images, which needs two or more."
+            )
+        generation_batch_size = self.per_device_train_batch_size * self.steps_per_generation
+        if generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"The generation batch per process (per_device_train_batch_size * steps_per_generation = "
+                f"{self.per_device_train_batch_size} * {self.steps_per_generation} = {generation_batch_size}) must be "
+                f"divisible by num_generations ({self.num_generations}), so that each process holds whole prompt "
+                "groups. Change one of them."
+            )
+        if self.sample_batch_size is not None and self.sample_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"sample_batch_size ({self.sample_batch_size}) must be a multiple of num_generations "
+                f"({self.num_generations}): each pipeline call samples whole prompt groups."
+            )
+        for name in ("num_inference_steps", "num_iterations", "steps_per_generation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.epsilon <= 0 or self.beta < 0 or self.advantage_clip <= 0:
+            raise ValueError(
+                f"epsilon and advantage_clip must be positive and beta non-negative; got epsilon={self.epsilon}, "
+                f"advantage_clip={self.advantage_clip}, beta={self.beta}."
+            )

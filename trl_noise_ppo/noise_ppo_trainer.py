@@ -1,0 +1,442 @@
+import math
+import os
+import textwrap
+from collections import defaultdict
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from diffusers import DiffusionPipeline
+from huggingface_hub import ModelCard, ModelCardData
+from torch import nn
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl.trainer.base_trainer import _BaseTrainer
+from trl.trainer.utils import RepeatSampler, get_callable_name
+
+from . import __version__
+from .noise_generator import NoiseGenerator, NoiseGeneratorConfig
+from .noise_injection import check_generator_fits, check_pipeline_takes_noise, discover_noise_spec, encode_prompts
+from .noise_ppo_config import NoisePPOConfig
+from .rewards import call_reward_funcs, resolve_reward_funcs
+
+
+ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
+
+
+def gaussian_log_density(x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Log density of `x` under N(mu, sigma^2), averaged over all dimensions but the batch: one value per sample."""
+    z = (x - mu) * torch.exp(-log_sigma)
+    per_dim = -0.5 * z**2 - log_sigma - 0.5 * math.log(2 * math.pi)
+    return per_dim.flatten(1).mean(dim=1)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) in closed form, averaged over all dimensions but the batch."""
+    per_dim = 0.5 * (torch.exp(2 * log_sigma) + mu**2 - 1) - log_sigma
+    return per_dim.flatten(1).mean(dim=1)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float) -> torch.Tensor:
+    """
+    Normalises `rewards` (one per sample, NaN where no reward was given) within consecutive groups of `num_generations`
+    samples of the same prompt, then clips. Samples without reward, and groups with fewer than two rewarded samples,
+    get advantage 0.
+    """
+    groups = rewards.view(-1, num_generations)
+    valid = ~groups.isnan()
+    count = valid.sum(dim=1, keepdim=True)
+    mean = groups.nan_to_num().sum(dim=1, keepdim=True) / count.clamp(min=1)
+    variance = ((groups - mean).nan_to_num() ** 2).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    advantages = (groups - mean) / (variance.sqrt() + 1e-4)
+    advantages = torch.where(valid & (count >= 2), advantages, torch.zeros_like(advantages))
+    return advantages.clamp(-clip, clip).flatten()
+
+
+def _check_prompt_dataset(dataset) -> None:
+    if dataset is None:
+        raise ValueError("NoisePPOTrainer needs a train_dataset with a `prompt` column, e.g. Dataset.from_dict({'prompt': [...]}).")
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"The train_dataset has no `prompt` column (its columns: {columns}). Rename the column holding the "
+            "prompts, e.g. `dataset.rename_column('text', 'prompt')`."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The train_dataset is empty: Noise PPO needs at least one prompt to train on.")
+
+
+class NoisePPOTrainer(_BaseTrainer):
+    r"""
+    Trainer for Noise PPO: a frozen text-to-image pipeline, and a small prompt-conditioned noise generator trained with
+    PPO to choose the initial noise whose images the reward functions prefer. The pipeline's weights never change and
+    receive no gradient; rewards can be any black box.
+
+    Each generation batch: sample noise from the generator, run the frozen pipeline, score the images, normalise the
+    rewards within each prompt's group. Then `num_iterations` PPO epochs of the clipped surrogate, plus a KL to N(0, I),
+    re-evaluate only the generator on the stored noise.
+
+    Args:
+        pipeline (`DiffusionPipeline`):
+            The frozen text-to-image pipeline. It must accept `latents=`; it is moved to the trainer's device and its
+            parameters are set to `requires_grad=False`.
+        reward_funcs (`str`, `Callable` or a list of them):
+            Reward functions, called as `func(images=..., prompts=..., trainer_state=..., **columns)` with `images` a
+            float tensor `(N, 3, H, W)` in `[0, 1]`, `prompts` a list of `N` strings and every other dataset column as
+            a list. Each returns `N` floats, or `None` for a sample it does not score. Strings name built-in rewards
+            (see `trl_noise_ppo.rewards`). `async def` functions run concurrently.
+        args ([`NoisePPOConfig`], *optional*):
+            Configuration. Defaults to `NoisePPOConfig("<pipeline class>-NoisePPO")`.
+        train_dataset ([`~datasets.Dataset`]):
+            Prompts, in a `prompt` column. Other columns are passed to the reward functions.
+        noise_generator ([`NoiseGenerator`], *optional*):
+            A generator to continue training. Defaults to a new, zero-initialised one (exactly N(0, I)) sized for the
+            pipeline's noise at the configured resolution.
+        callbacks (list of [`~transformers.TrainerCallback`], *optional*):
+            Callbacks for the training loop.
+        optimizers (`tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]`, *optional*):
+            Optimiser and scheduler; default AdamW and the scheduler named by `args`.
+
+    Examples:
+
+    ```python
+    from datasets import Dataset
+    from diffusers import DiffusionPipeline
+    from trl_noise_ppo import NoisePPOConfig, NoisePPOTrainer
+
+    pipe = DiffusionPipeline.from_pretrained("stabilityai/sd-turbo")
+
+    def brightness(images, prompts, **kwargs):
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    trainer = NoisePPOTrainer(
+        pipeline=pipe,
+        reward_funcs=brightness,
+        args=NoisePPOConfig(output_dir="out", num_inference_steps=1, guidance_scale=0.0, num_generations=8),
+        train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog"]}),
+    )
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "noise-ppo", "diffusers", "text-to-image"]
+    _name = "Noise PPO"
+    _paper = {
+        "title": "A Minimalist Method for Fine-tuning Text-to-Image Diffusion Models",
+        "id": "2506.12036",
+        "citation": textwrap.dedent(
+            """\
+            @article{miao2025minimalist,
+                title        = {{A Minimalist Method for Fine-tuning Text-to-Image Diffusion Models}},
+                author       = {Yanting Miao and William Loh and Pascal Poupart and Suraj Kothawade},
+                year         = 2025,
+                eprint       = {arXiv:2506.12036}
+            }"""
+        ),
+    }
+    # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        reward_funcs: str | Callable | list[str | Callable],
+        args: NoisePPOConfig | None = None,
+        train_dataset: Dataset | None = None,
+        noise_generator: NoiseGenerator | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+    ):
+        if args is None:
+            args = NoisePPOConfig(f"{type(pipeline).__name__}-NoisePPO")
+        _check_prompt_dataset(train_dataset)
+        check_pipeline_takes_noise(pipeline)
+        self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        self.reward_func_names = [get_callable_name(func) for func in self.reward_funcs]
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} entries but there are {len(self.reward_funcs)} reward functions "
+                f"({self.reward_func_names}); give one weight per function."
+            )
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+
+        pipeline.to(args.device)
+        for component in pipeline.components.values():
+            if isinstance(component, nn.Module):
+                component.requires_grad_(False).eval()
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+
+        example_embeds = encode_prompts(pipeline, [train_dataset[0]["prompt"]])
+        noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, example_embeds, num_images_per_prompt=1))
+        if noise_generator is None:
+            noise_generator = NoiseGenerator(
+                NoiseGeneratorConfig(
+                    noise_shape=list(noise_spec.shape),
+                    prompt_embeds_dim=example_embeds["prompt_embeds"].shape[-1],
+                    pooled_prompt_embeds_dim=(
+                        example_embeds["pooled_prompt_embeds"].shape[-1] if "pooled_prompt_embeds" in example_embeds else None
+                    ),
+                    base_pipeline=str(pipeline.name_or_path) if pipeline.name_or_path else None,
+                    pipeline_class=type(pipeline).__name__,
+                    hidden_dim=args.generator_hidden_dim,
+                    grid_size=args.generator_grid_size,
+                    grid_channels=args.generator_grid_channels,
+                    learn_sigma=args.learn_sigma,
+                )
+            )
+        check_generator_fits(noise_generator.config, noise_spec, example_embeds, pipeline)
+        self.noise_dtype = noise_spec.dtype
+
+        super().__init__(
+            model=noise_generator,
+            args=args,
+            data_collator=lambda features: features,  # prompts stay strings; sampling happens in _prepare_inputs
+            train_dataset=train_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        for reward_func in self.reward_funcs:
+            if getattr(reward_func, "device", False) is None:
+                reward_func.device = self.accelerator.device
+        self._metrics = defaultdict(list)
+        self._buffered_inputs = None
+        self._step = 0  # micro-steps; a generation batch is sampled every steps_per_generation * num_iterations
+
+    @staticmethod
+    def _pipeline_kwargs(args: NoisePPOConfig, embeds: dict, num_images_per_prompt: int) -> dict:
+        kwargs = {
+            **embeds,
+            "num_images_per_prompt": num_images_per_prompt,
+            "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": args.guidance_scale,
+            "height": args.height,
+            "width": args.width,
+            "output_type": "pt",
+        }
+        return {name: value for name, value in kwargs.items() if value is not None}
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def get_train_dataloader(self):
+        # Each dataloader batch is a whole generation batch (see _prepare_inputs), hence the larger batch size.
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None):
+        # Every prompt comes num_generations times in a row, and each generation batch is repeated for as many
+        # micro-steps as it is used, so that dataloader length and progress bars count optimisation steps.
+        generation_batch_size = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.args.num_generations,
+            batch_size=generation_batch_size * self.accelerator.num_processes // self.args.num_generations,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            seed=self.args.seed,
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        return loss
+
+    def _prepare_inputs(self, generation_batch: list[dict]) -> dict[str, torch.Tensor]:
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            rollout = self._sample_and_score(generation_batch)
+            order = torch.randperm(len(rollout["noise"]), generator=self._rollout_generator(salt=1))
+            shuffled = {name: value[order] for name, value in rollout.items()}
+            self._buffered_inputs = [
+                {name: value[i::self.args.steps_per_generation] for name, value in shuffled.items()}
+                for i in range(self.args.steps_per_generation)
+            ]
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _rollout_generator(self, salt: int) -> torch.Generator:
+        # Seeded by the optimiser step, not by the global RNG, so that a resumed run samples what an uninterrupted one would.
+        seed = hash((self.args.seed, self.state.global_step, self.accelerator.process_index, salt)) % 2**62
+        return torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def _sample_and_score(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        device, k = self.accelerator.device, self.args.num_generations
+        prompts = [example["prompt"] for example in batch]
+        group_prompts = prompts[::k]
+        generator = self.accelerator.unwrap_model(self.model)
+        embeds = encode_prompts(self.pipeline, group_prompts)
+
+        # x_T = mu(c) + sigma(c) * eps: the action, and its log-density under the policy that sampled it
+        mu, log_sigma = generator(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds.get("pooled_prompt_embeds"))
+        mu, log_sigma = mu.repeat_interleave(k, dim=0), log_sigma.repeat_interleave(k, dim=0)
+        eps = torch.randn(mu.shape, generator=self._rollout_generator(salt=0)).to(device)
+        noise = mu + torch.exp(log_sigma) * eps
+        old_log_density = gaussian_log_density(noise, mu, log_sigma)
+
+        # The frozen pipeline turns each noise into an image; stochastic schedulers draw from a seeded generator
+        images = []
+        prompts_per_call = (self.args.sample_batch_size or len(prompts)) // k
+        for start in range(0, len(group_prompts), prompts_per_call):
+            call_embeds = {name: value[start : start + prompts_per_call] for name, value in embeds.items()}
+            call_noise = noise[start * k : (start + prompts_per_call) * k].to(self.noise_dtype)
+            output = self.pipeline(
+                **self._pipeline_kwargs(self.args, call_embeds, num_images_per_prompt=k),
+                latents=call_noise,
+                generator=self._rollout_generator(salt=2 + start),
+            )
+            images.append(output.images.float())
+        images = torch.cat(images)
+
+        # r = sum_i w_i r_i(image, prompt); a sample no function scored gets NaN and no advantage
+        columns = {name: [example[name] for example in batch] for name in batch[0] if name != "prompt"}
+        rewards_per_func = call_reward_funcs(
+            self.reward_funcs, images=images, prompts=prompts, trainer_state=self.state, **columns
+        ).to(device)
+        weights = self.reward_weights.to(device)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        rewards[rewards_per_func.isnan().all(dim=1)] = torch.nan
+
+        # A = clip((r - mean_group(r)) / std_group(r))
+        advantages = group_advantages(rewards, k, self.args.advantage_clip)
+
+        all_rewards_per_func = self.accelerator.gather(rewards_per_func)
+        all_rewards = self.accelerator.gather(rewards)
+        for i, name in enumerate(self.reward_func_names):
+            self._metrics[f"rewards/{name}/mean"].append(all_rewards_per_func[:, i].nanmean().item())
+            self._metrics[f"rewards/{name}/std"].append(_nanstd(all_rewards_per_func[:, i]))
+        self._metrics["reward"].append(all_rewards.nanmean().item())
+        self._metrics["reward_std"].append(_nanstd(all_rewards))
+
+        return {
+            **{name: value.repeat_interleave(k, dim=0) for name, value in embeds.items() if name != "prompt_attention_mask"},
+            "noise": noise,
+            "old_log_density": old_log_density,
+            "advantages": advantages,
+            "rewarded": (~rewards.isnan()).float(),
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mu, log_sigma = model(prompt_embeds=inputs["prompt_embeds"], pooled_prompt_embeds=inputs.get("pooled_prompt_embeds"))
+
+        # ratio = pi_theta(x|c) / pi_old(x|c), as a geometric mean over the noise's dimensions: the summed log-ratio
+        # over tens of thousands of dimensions would leave any clip range after the smallest step
+        log_ratio = gaussian_log_density(inputs["noise"], mu, log_sigma) - inputs["old_log_density"]
+        ratio = torch.exp(log_ratio)
+
+        # L = E[max(-A ratio, -A clip(ratio, 1 - epsilon, 1 + epsilon))] + beta KL(pi_theta || N(0, I))
+        advantages, rewarded = inputs["advantages"], inputs["rewarded"]
+        clipped_ratio = torch.clamp(ratio, 1 - self.args.epsilon, 1 + self.args.epsilon)
+        policy_loss = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+        policy_loss = (policy_loss * rewarded).sum() / rewarded.sum().clamp(min=1)
+        kl_prior = kl_to_standard_normal(mu, log_sigma)
+        loss = policy_loss + self.args.beta * kl_prior.mean()
+
+        with torch.no_grad():
+            clipped = ((ratio - 1).abs() > self.args.epsilon).float()
+            approx_kl = (ratio - 1) - log_ratio
+            for name, value in {
+                "clip_fraction": clipped,
+                "approx_kl": approx_kl,
+                "kl_prior": kl_prior,
+                "policy/sigma": torch.exp(log_sigma).flatten(1).mean(dim=1),
+                "policy/mu_rms": mu.flatten(1).pow(2).mean(dim=1).sqrt(),
+            }.items():
+                self._metrics[name].append(self.accelerator.gather(value).mean().item())
+        return (loss, mu) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        metrics = {}
+        for name, values in self._metrics.items():
+            values = [v for v in values if not math.isnan(v)]
+            metrics[name] = sum(values) / len(values) if values else None
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics.clear()
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.save_only_model or self._buffered_inputs is None:
+            return
+        # A checkpoint can fall between two generation batches' PPO epochs; the stored rollout lets a resumed run
+        # finish the epochs on the same samples instead of drawing new ones from a different policy.
+        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        rollout = [{name: value.cpu() for name, value in inputs.items()} for inputs in self._buffered_inputs]
+        torch.save(rollout, os.path.join(checkpoint_dir, ROLLOUT_FILE.format(self.accelerator.process_index)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+        self._step = state.global_step * self.args.gradient_accumulation_steps
+        rollout_file = os.path.join(resume_from_checkpoint, ROLLOUT_FILE.format(self.accelerator.process_index))
+        if os.path.isfile(rollout_file):
+            rollout = torch.load(rollout_file, weights_only=True)
+            self._buffered_inputs = [{name: value.to(self.accelerator.device) for name, value in inputs.items()} for inputs in rollout]
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ):
+        """Writes a model card for the noise generator (base pipeline, rewards, how to load it, citations) to
+        `output_dir` (default `args.output_dir`)."""
+        if not self.is_world_process_zero():
+            return
+        output_dir = output_dir or self.args.output_dir
+        config = self.accelerator.unwrap_model(self.model).config
+        base_model = config.base_pipeline if config.base_pipeline and not os.path.isdir(config.base_pipeline) else None
+        tags = {tags} if isinstance(tags, str) else set(tags or [])
+        tags.update(self._tag_names)
+        card_data = ModelCardData(
+            base_model=base_model,
+            datasets=dataset_name,
+            library_name="trl-noise-ppo",
+            model_name=model_name or Path(output_dir).name,
+            pipeline_tag="text-to-image",
+            tags=sorted(tags),
+        )
+        card = ModelCard.from_template(
+            card_data,
+            template_path=str(Path(__file__).parent / "templates" / "noise_generator_card.md"),
+            model_name=model_name or Path(output_dir).name,
+            base_model=base_model,
+            pipeline_class=config.pipeline_class,
+            hub_model_id=self.hub_model_id or Path(output_dir).name,
+            dataset_name=dataset_name,
+            reward_names=", ".join(self.reward_func_names),
+            noise_shape=config.noise_shape,
+            num_inference_steps=self.args.num_inference_steps,
+            guidance_scale=self.args.guidance_scale,
+            wandb_url=None,
+            trackio_url=None,
+            trainer_name=self._name,
+            trainer_citation=self._paper["citation"],
+            paper_title=self._paper["title"],
+            paper_id=self._paper["id"],
+            package_version=__version__,
+            trl_version=version("trl"),
+            diffusers_version=version("diffusers"),
+            transformers_version=version("transformers"),
+            pytorch_version=version("torch"),
+        )
+        card.save(os.path.join(output_dir, "README.md"))
+
+
+def _nanstd(values: torch.Tensor) -> float:
+    values = values[~values.isnan()]
+    return values.std().item() if len(values) > 1 else float("nan")
