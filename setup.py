@@ -31,7 +31,7 @@ setup(
         "torch>=2.4",
         "trl>=1.16,<2",
         "diffusers>=0.42,<0.43",
-        "transformers>=5.0",
+        "transformers>=5.24",
         "accelerate>=1.10.1",
         "datasets>=4.7",
         "peft>=0.17",

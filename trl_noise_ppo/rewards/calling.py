@@ -1,0 +1,103 @@
+"""Calling a list of reward functions on one batch, sync and async, as TRL's GRPOTrainer does."""
+
+import asyncio
+import math
+import threading
+from collections.abc import Callable
+
+import torch
+from trl.trainer.utils import get_callable_name, is_async_callable
+
+_event_loop: asyncio.AbstractEventLoop | None = None
+_event_loop_lock = threading.Lock()
+
+
+def _reward_event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop that runs async rewards: one per process, on a daemon thread, as in GRPOTrainer.
+
+    A loop of our own works whether or not the caller already runs one (a notebook does), and one loop for all
+    calls keeps async clients that bind connections to their loop working from batch to batch.
+    """
+    global _event_loop
+    with _event_loop_lock:
+        if _event_loop is None:
+            _event_loop = asyncio.new_event_loop()
+            threading.Thread(target=_event_loop.run_forever, name="reward-funcs", daemon=True).start()
+    return _event_loop
+
+
+def _checked_rewards(output, func: Callable, prompts: list[str]) -> list[float]:
+    """`output` as one float per prompt, None as NaN; a wrong length or a NaN or infinite reward is an error."""
+    name = get_callable_name(func)
+    try:
+        count = len(output)
+    except TypeError:
+        raise ValueError(
+            f"Reward function '{name}' returned {type(output).__name__}, not a list. Return a list with one "
+            f"float (or None) per image."
+        ) from None
+    if count != len(prompts):
+        raise ValueError(
+            f"Reward function '{name}' returned {count} rewards for {len(prompts)} images. Return exactly one "
+            f"reward per image, in order (None for an image it cannot score)."
+        )
+    rewards = [math.nan if reward is None else float(reward) for reward in output]
+    for index, (reward, raw) in enumerate(zip(rewards, output, strict=True)):
+        if raw is not None and not math.isfinite(reward):
+            raise ValueError(
+                f"Reward function '{name}' returned {reward} for image {index} (prompt {prompts[index]!r}). Rewards "
+                f"must be finite: return None for an image it cannot score, and that image is left out of the "
+                f"advantage statistics."
+            )
+    return rewards
+
+
+def call_reward_funcs(
+    reward_funcs: list[Callable], images: torch.Tensor, prompts: list[str], **columns
+) -> torch.Tensor:
+    """Scores one batch with every reward function; returns an (N, F) float32 tensor on `images.device`.
+
+    Each function is called as `func(images=images, prompts=prompts, **columns)`, where `images` is the
+    (N, 3, H, W) float tensor in [0, 1], `prompts` the N prompts, and `columns` everything else the trainer
+    passes: every dataset column (a list of N values each) and `trainer_state`. Column `j` of the result holds
+    `reward_funcs[j]`'s rewards, in order.
+
+    Synchronous functions run one after another, in list order. Asynchronous ones (`async def` functions, or
+    objects whose `__call__` is `async def`) then run concurrently with each other, on one private event loop
+    that a daemon thread runs for all calls, and the call returns when the slowest finishes.
+
+    A function must return one reward per image: a number, or None for an image it cannot score, which becomes
+    NaN in the result (NaN-aware statistics then leave it out).
+
+    Raises:
+        ValueError: when a function returns something without a length, the wrong number of rewards, or a NaN
+            or infinite reward. The message names the function, the problem and the fix.
+        Exception: whatever a reward function raises, unchanged.
+
+    Example:
+        >>> import torch
+        >>> def brightness(images, **kwargs):
+        ...     return images.mean(dim=(1, 2, 3)).tolist()
+        >>> async def unscorable(prompts, **kwargs):
+        ...     return [None] * len(prompts)
+        >>> call_reward_funcs([brightness, unscorable], torch.ones(2, 3, 8, 8), ["a", "b"])
+        tensor([[1., nan],
+                [1., nan]])
+    """
+    rewards = torch.empty(len(prompts), len(reward_funcs), dtype=torch.float32)
+    async_funcs = []
+    for index, func in enumerate(reward_funcs):
+        if is_async_callable(func):
+            async_funcs.append((index, func))
+        else:
+            output = func(images=images, prompts=prompts, **columns)
+            rewards[:, index] = torch.tensor(_checked_rewards(output, func, prompts))
+
+    async def run_concurrently():
+        return await asyncio.gather(*(func(images=images, prompts=prompts, **columns) for _, func in async_funcs))
+
+    if async_funcs:
+        outputs = asyncio.run_coroutine_threadsafe(run_concurrently(), _reward_event_loop()).result()
+        for (index, func), output in zip(async_funcs, outputs, strict=True):
+            rewards[:, index] = torch.tensor(_checked_rewards(output, func, prompts))
+    return rewards.to(images.device)
