@@ -15,7 +15,10 @@ class NoiseGeneratorConfig(PreTrainedConfig):
     Args:
         noise_shape (`list[int]`):
             Shape of one sample of the pipeline's initial noise, without the batch axis: `[channels, height, width]`
-            in latent pixels (for example `[4, 64, 64]` for Stable Diffusion 1.5 at 512 px).
+            in latent pixels (for example `[4, 64, 64]` for Stable Diffusion 1.5 at 512 px), or `[patches, features]`
+            for packed noise (Flux, Qwen-Image).
+        token_grid (`list[int]`, *optional*):
+            For packed noise only: the `[rows, columns]` of patches that its sequence flattens row by row.
         prompt_embeds_dim (`int` or `None`):
             Width of the pipeline's per-token prompt embeddings the generator reads, or `None` if it reads none.
         pooled_prompt_embeds_dim (`int` or `None`):
@@ -43,6 +46,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
     def __init__(
         self,
         noise_shape: list[int] | None = None,
+        token_grid: list[int] | None = None,
         prompt_embeds_dim: int | None = None,
         pooled_prompt_embeds_dim: int | None = None,
         base_pipeline: str | None = None,
@@ -54,6 +58,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         **kwargs,
     ):
         self.noise_shape = list(noise_shape) if noise_shape is not None else None
+        self.token_grid = list(token_grid) if token_grid is not None else None
         self.prompt_embeds_dim = prompt_embeds_dim
         self.pooled_prompt_embeds_dim = pooled_prompt_embeds_dim
         self.base_pipeline = base_pipeline
@@ -71,8 +76,8 @@ class NoiseGenerator(PreTrainedModel):
 
         x_T = mu(c) + sigma(c) * eps,    eps ~ N(0, I)
 
-    The prompt conditioning `c` is the pipeline's own prompt embeddings (mean over tokens, concatenated with the pooled
-    embedding where the pipeline has one). An MLP writes a coarse `grid_size` x `grid_size` map, which convolutions
+    The prompt conditioning `c` is the pipeline's own prompt embeddings (mean over its real tokens, concatenated with the
+    pooled embedding where the pipeline has one). An MLP writes a coarse `grid_size` x `grid_size` map, which convolutions
     upsample to the noise resolution, so the parameter count does not grow with the noise. The last convolution is
     zero-initialised: an untrained generator is exactly N(0, I), the base pipeline's own prior.
 
@@ -94,14 +99,17 @@ class NoiseGenerator(PreTrainedModel):
 
     def __init__(self, config: NoiseGeneratorConfig):
         super().__init__(config)
-        if config.noise_shape is None or len(config.noise_shape) != 3:
+        image_noise = config.noise_shape is not None and len(config.noise_shape) == 3
+        packed_noise = config.noise_shape is not None and len(config.noise_shape) == 2 and config.token_grid is not None
+        if not (image_noise or packed_noise):
             raise ValueError(
-                f"NoiseGeneratorConfig.noise_shape must be [channels, height, width], got {config.noise_shape}."
+                "NoiseGeneratorConfig.noise_shape must be [channels, height, width], or [patches, features] with "
+                f"token_grid=[rows, columns]; got noise_shape={config.noise_shape}, token_grid={config.token_grid}."
             )
         conditioning_dim = (config.prompt_embeds_dim or 0) + (config.pooled_prompt_embeds_dim or 0)
         if conditioning_dim == 0:
             raise ValueError("NoiseGeneratorConfig needs prompt_embeds_dim or pooled_prompt_embeds_dim to be set.")
-        channels, height, width = config.noise_shape
+        channels, height, width = self._image_shape()
         width_of_grid = config.grid_channels * config.grid_size**2
         self.prompt_mlp = nn.Sequential(
             nn.LayerNorm(conditioning_dim),
@@ -131,8 +139,17 @@ class NoiseGenerator(PreTrainedModel):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def _image_shape(self) -> tuple[int, int, int]:
+        """The noise as an image: packed noise's features are its channels, its patch grid its pixels."""
+        if len(self.config.noise_shape) == 3:
+            return tuple(self.config.noise_shape)
+        return (self.config.noise_shape[1], *self.config.token_grid)
+
     def forward(
-        self, prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None
+        self,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -140,6 +157,9 @@ class NoiseGenerator(PreTrainedModel):
                 The pipeline's per-token prompt embeddings.
             pooled_prompt_embeds (`torch.Tensor` of shape `(batch, pooled_prompt_embeds_dim)`, *optional*):
                 The pipeline's pooled prompt embedding.
+            prompt_attention_mask (`torch.Tensor` of shape `(batch, tokens)`, *optional*):
+                1 for real tokens, 0 for padding, for pipelines whose encoders return one; padding is then left out
+                of the mean over tokens.
 
         Returns:
             `tuple[torch.Tensor, torch.Tensor]`: the mean `mu` and the log standard deviation `log_sigma` of the noise,
@@ -147,11 +167,15 @@ class NoiseGenerator(PreTrainedModel):
         """
         features = []
         if self.config.prompt_embeds_dim is not None:
-            features.append(prompt_embeds.float().mean(dim=1))
+            if prompt_attention_mask is None:
+                features.append(prompt_embeds.float().mean(dim=1))
+            else:
+                weights = prompt_attention_mask.to(torch.float32).unsqueeze(-1)
+                features.append((prompt_embeds.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1))
         if self.config.pooled_prompt_embeds_dim is not None:
             features.append(pooled_prompt_embeds.float())
         conditioning = torch.cat(features, dim=-1)
-        channels, height, width = self.config.noise_shape
+        channels, height, width = self._image_shape()
         grid = self.prompt_mlp(conditioning).view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
         grid = self.upsampler(grid)
         if grid.shape[-2:] != (height, width):
@@ -161,4 +185,7 @@ class NoiseGenerator(PreTrainedModel):
             mu, log_sigma = out.split(channels, dim=1)
         else:
             mu, log_sigma = out, torch.zeros_like(out)
+        if len(self.config.noise_shape) == 2:
+            # patches in row-major order, as the pipelines pack them
+            mu, log_sigma = (x.flatten(2).transpose(1, 2) for x in (mu, log_sigma))
         return mu, log_sigma

@@ -7,7 +7,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import HfApi
 
 from .noise_generator import NoiseGenerator
-from .noise_injection import check_generator_fits, check_pipeline_takes_noise, discover_noise_spec, encode_prompts
+from .noise_injection import (
+    check_generator_fits,
+    check_pipeline_takes_noise,
+    discover_noise_spec,
+    encode_prompts,
+    generator_inputs,
+)
 
 
 NOISE_GENERATOR_FOLDER = "noise_generator"
@@ -129,13 +135,21 @@ class NoisePPOPipeline:
         """
         if noise not in ("sample", "mean"):
             raise ValueError(f"noise must be 'sample' or 'mean', got {noise!r}.")
-        if "prompt_embeds" in kwargs:
-            embeds = {name: kwargs.pop(name) for name in ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask") if name in kwargs}
+        given = [name for name in kwargs if name.endswith(("_embeds", "_mask"))]
+        if "prompt_embeds" in given or "image_embeds" in given:
+            embeds = {name: kwargs.pop(name) for name in given}
         elif prompt is None:
-            raise ValueError("NoisePPOPipeline needs a `prompt` (or `prompt_embeds`): the noise generator reads it.")
+            raise ValueError(
+                "NoisePPOPipeline needs a `prompt` (or `prompt_embeds`, or `image_embeds` for the Kandinsky decoder): "
+                "the noise generator reads it."
+            )
         else:
-            embeds = encode_prompts(self.pipeline, [prompt] if isinstance(prompt, str) else list(prompt))
-        call_kwargs = {**kwargs, **embeds, "num_images_per_prompt": num_images_per_prompt, "generator": generator}
+            embeds = encode_prompts(self.pipeline, [prompt] if isinstance(prompt, str) else list(prompt), **kwargs)
+            # the second and third text encoders' prompts are now in the embeddings
+            kwargs = {name: value for name, value in kwargs.items() if name not in ("prompt_2", "prompt_3")}
+        # one row of embeddings per image: families disagree on whether they repeat given embeddings themselves
+        image_embeds = {name: value.repeat_interleave(num_images_per_prompt, dim=0) for name, value in embeds.items()}
+        call_kwargs = {**kwargs, **image_embeds, "num_images_per_prompt": 1, "generator": generator}
 
         spec_key = (kwargs.get("height"), kwargs.get("width"))
         if spec_key not in self._noise_specs:
@@ -145,7 +159,8 @@ class NoisePPOPipeline:
             self._noise_specs[spec_key] = spec
         spec = self._noise_specs[spec_key]
 
-        batch_size = len(embeds["prompt_embeds"]) * num_images_per_prompt
+        conditioning = generator_inputs(embeds)
+        batch_size = len(next(iter(embeds.values()))) * num_images_per_prompt
         if latents is None:
             latents = randn_tensor((batch_size, *spec.shape), generator=generator, device=spec.device, dtype=spec.dtype)
         elif tuple(latents.shape) != (batch_size, *spec.shape):
@@ -154,10 +169,8 @@ class NoisePPOPipeline:
                 f"{[batch_size, *spec.shape]}."
             )
         generator_device = next(self.noise_generator.parameters()).device
-        mu, log_sigma = self.noise_generator(
-            prompt_embeds=embeds["prompt_embeds"].to(generator_device),
-            pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(generator_device) if "pooled_prompt_embeds" in embeds else None,
-        )
+        conditioning = {name: None if value is None else value.to(generator_device) for name, value in conditioning.items()}
+        mu, log_sigma = self.noise_generator(**conditioning)
         mu = mu.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
         log_sigma = log_sigma.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
         noise_tensor = mu if noise == "mean" else mu + torch.exp(log_sigma) * latents.to(spec.device, torch.float32)

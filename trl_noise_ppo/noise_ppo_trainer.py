@@ -17,8 +17,16 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, get_callable_name
 
 from . import __version__
-from .noise_generator import NoiseGenerator, NoiseGeneratorConfig
-from .noise_injection import check_generator_fits, check_pipeline_takes_noise, discover_noise_spec, encode_prompts
+from .noise_generator import NoiseGenerator
+from .noise_injection import (
+    check_generator_fits,
+    check_pipeline_takes_noise,
+    discover_noise_spec,
+    generator_config_for,
+    generator_inputs,
+    images_in_unit_range,
+    prompt_conditioning,
+)
 from .noise_ppo_config import NoisePPOConfig
 from .rewards import call_reward_funcs, resolve_reward_funcs
 
@@ -170,18 +178,14 @@ class NoisePPOTrainer(_BaseTrainer):
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
 
-        example_embeds = encode_prompts(pipeline, [train_dataset[0]["prompt"]])
-        noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, example_embeds, num_images_per_prompt=1))
+        example_embeds = prompt_conditioning(pipeline, [train_dataset[0]])
+        noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, example_embeds))
         if noise_generator is None:
             noise_generator = NoiseGenerator(
-                NoiseGeneratorConfig(
-                    noise_shape=list(noise_spec.shape),
-                    prompt_embeds_dim=example_embeds["prompt_embeds"].shape[-1],
-                    pooled_prompt_embeds_dim=(
-                        example_embeds["pooled_prompt_embeds"].shape[-1] if "pooled_prompt_embeds" in example_embeds else None
-                    ),
-                    base_pipeline=str(pipeline.name_or_path) if pipeline.name_or_path else None,
-                    pipeline_class=type(pipeline).__name__,
+                generator_config_for(
+                    pipeline,
+                    noise_spec,
+                    example_embeds,
                     hidden_dim=args.generator_hidden_dim,
                     grid_size=args.generator_grid_size,
                     grid_channels=args.generator_grid_channels,
@@ -207,10 +211,12 @@ class NoisePPOTrainer(_BaseTrainer):
         self._step = 0  # micro-steps; a generation batch is sampled every steps_per_generation * num_iterations
 
     @staticmethod
-    def _pipeline_kwargs(args: NoisePPOConfig, embeds: dict, num_images_per_prompt: int) -> dict:
+    def _pipeline_kwargs(args: NoisePPOConfig, embeds: dict) -> dict:
+        # One row of embeddings per image: given embeddings are repeated for num_images_per_prompt by some families and
+        # not by others, while the negative prompt's always are
         kwargs = {
             **embeds,
-            "num_images_per_prompt": num_images_per_prompt,
+            "num_images_per_prompt": 1,
             "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale,
             "height": args.height,
@@ -271,12 +277,12 @@ class NoisePPOTrainer(_BaseTrainer):
     def _sample_and_score(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         device, k = self.accelerator.device, self.args.num_generations
         prompts = [example["prompt"] for example in batch]
-        group_prompts = prompts[::k]
         generator = self.accelerator.unwrap_model(self.model)
-        embeds = encode_prompts(self.pipeline, group_prompts)
+        embeds = prompt_conditioning(self.pipeline, batch[::k])
+        sample_embeds = {name: value.repeat_interleave(k, dim=0) for name, value in embeds.items()}
 
         # x_T = mu(c) + sigma(c) * eps: the action, and its log-density under the policy that sampled it
-        mu, log_sigma = generator(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds.get("pooled_prompt_embeds"))
+        mu, log_sigma = generator(**generator_inputs(embeds))
         mu, log_sigma = mu.repeat_interleave(k, dim=0), log_sigma.repeat_interleave(k, dim=0)
         eps = torch.randn(mu.shape, generator=self._rollout_generator(salt=0)).to(device)
         noise = mu + torch.exp(log_sigma) * eps
@@ -284,16 +290,15 @@ class NoisePPOTrainer(_BaseTrainer):
 
         # The frozen pipeline turns each noise into an image; stochastic schedulers draw from a seeded generator
         images = []
-        prompts_per_call = (self.args.sample_batch_size or len(prompts)) // k
-        for start in range(0, len(group_prompts), prompts_per_call):
-            call_embeds = {name: value[start : start + prompts_per_call] for name, value in embeds.items()}
-            call_noise = noise[start * k : (start + prompts_per_call) * k].to(self.noise_dtype)
+        images_per_call = self.args.sample_batch_size or len(prompts)
+        for start in range(0, len(prompts), images_per_call):
+            call = slice(start, start + images_per_call)
             output = self.pipeline(
-                **self._pipeline_kwargs(self.args, call_embeds, num_images_per_prompt=k),
-                latents=call_noise,
+                **self._pipeline_kwargs(self.args, {name: value[call] for name, value in sample_embeds.items()}),
+                latents=noise[call].to(self.noise_dtype),
                 generator=self._rollout_generator(salt=2 + start),
             )
-            images.append(output.images.float())
+            images.append(images_in_unit_range(self.pipeline, output.images.float()))
         images = torch.cat(images)
 
         # r = sum_i w_i r_i(image, prompt); a sample no function scored gets NaN and no advantage
@@ -317,7 +322,7 @@ class NoisePPOTrainer(_BaseTrainer):
         self._metrics["reward_std"].append(_nanstd(all_rewards))
 
         return {
-            **{name: value.repeat_interleave(k, dim=0) for name, value in embeds.items() if name != "prompt_attention_mask"},
+            **sample_embeds,
             "noise": noise,
             "old_log_density": old_log_density,
             "advantages": advantages,
@@ -325,7 +330,7 @@ class NoisePPOTrainer(_BaseTrainer):
         }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mu, log_sigma = model(prompt_embeds=inputs["prompt_embeds"], pooled_prompt_embeds=inputs.get("pooled_prompt_embeds"))
+        mu, log_sigma = model(**generator_inputs(inputs))
 
         # ratio = pi_theta(x|c) / pi_old(x|c), as a geometric mean over the noise's dimensions: the summed log-ratio
         # over tens of thousands of dimensions would leave any clip range after the smallest step

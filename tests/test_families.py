@@ -1,0 +1,164 @@
+"""Every text-to-image family, through the one generic noise mechanism, on tiny offline pipelines."""
+
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import (
+    DDIMPipeline,
+    DDPMPipeline,
+    IFPipeline,
+    KandinskyV22CombinedPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
+
+from tests.tiny_pipelines import (
+    DEFAULT_SIZE,
+    EXPECTED_LATENT_SHAPE,
+    PROMPT_CALL_KWARGS,
+    STOCHASTIC_SAMPLER_FAMILIES,
+    build_pipeline,
+)
+from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer
+from trl_noise_ppo.noise_injection import check_pipeline_takes_noise, discover_noise_spec, encode_prompts
+
+
+TEXT_FAMILIES = ["sd", "sd_vpred", "sdxl", "lcm", "sd3", "flux", "flux2", "flux2_klein", "pixart_sigma", "sana",
+                 "qwenimage", "auraflow", "lumina2", "cogview4"]
+POOLED_FAMILIES = {"sdxl", "sd3", "flux"}
+PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square on the left"]})
+
+
+def size_kwargs(family):
+    height, width = DEFAULT_SIZE[family]
+    return {"height": height, "width": width}
+
+
+def brightness(images, **kwargs):
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+def tiny_config(tmp_path, family, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / family), num_inference_steps=2, num_generations=2, per_device_train_batch_size=4,
+        num_iterations=1, max_steps=2, learning_rate=1e-2, save_strategy="no", report_to="none", disable_tqdm=True,
+        **size_kwargs(family),
+    )
+    return NoisePPOConfig(**{**defaults, **overrides})
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_noise_shape_is_discovered(family):
+    pipe = build_pipeline(family)
+    spec = discover_noise_spec(pipe, {"prompt": "a cat", "num_inference_steps": 2, **size_kwargs(family)})
+    assert spec.shape == EXPECTED_LATENT_SHAPE[family][1:]
+    assert (spec.token_grid is not None) == (len(spec.shape) == 2)
+    if spec.token_grid:
+        assert spec.token_grid[0] * spec.token_grid[1] == spec.shape[0]
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_train_save_load_and_infer(family, tmp_path):
+    pipe = build_pipeline(family)
+    trainer = NoisePPOTrainer(pipe, brightness, args=tiny_config(tmp_path, family), train_dataset=PROMPTS)
+    embeds = encode_prompts(pipe, ["a red circle"])
+    config = trainer.model.config
+    assert config.prompt_embeds_dim == embeds["prompt_embeds"].shape[-1]
+    assert (config.pooled_prompt_embeds_dim is not None) == (family in POOLED_FAMILIES)
+    trainer.train()
+    trainer.save_model()
+    assert trainer.model.head.weight.abs().sum() > 0
+
+    # the untrained policy reproduces the base pipeline exactly for the same eps
+    untrained = NoisePPOPipeline(pipe, NoiseGenerator(config))
+    call = {"num_inference_steps": 2, "output_type": "pt", **size_kwargs(family)}
+    eps = torch.randn(1, *EXPECTED_LATENT_SHAPE[family][1:], generator=torch.Generator().manual_seed(0))
+    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731  (LCM draws noise inside its steps)
+    base = pipe(prompt="a red circle", latents=eps, generator=seeded(), **call).images
+    assert torch.equal(untrained(prompt="a red circle", latents=eps, generator=seeded(), **call).images, base)
+
+    tuned = NoisePPOPipeline(pipe, NoiseGenerator.from_pretrained(trainer.args.output_dir))
+    assert not torch.equal(tuned(prompt="a red circle", latents=eps, generator=seeded(), **call).images, base)
+    images = tuned(prompt=["a red circle", "a cat"], num_images_per_prompt=2, generator=seeded(), **call).images
+    assert images.shape == (4, *base.shape[1:]) and torch.isfinite(images).all()
+
+
+def test_kandinsky_decoder_is_conditioned_on_image_embeddings(tmp_path):
+    pipe = build_pipeline("kandinsky22")
+    embeds = PROMPT_CALL_KWARGS["kandinsky22"]
+    dataset = Dataset.from_dict({
+        "prompt": ["a red circle", "a blue square"],
+        "image_embeds": [embeds["image_embeds"][0].tolist()] * 2,
+        "negative_image_embeds": [embeds["negative_image_embeds"][0].tolist()] * 2,
+    })
+    with pytest.raises(ValueError, match="conditioned on image embeddings, not on text.*negative_image_embeds"):
+        NoisePPOTrainer(pipe, brightness, args=tiny_config(tmp_path, "kandinsky22"), train_dataset=PROMPTS)
+
+    seen = []
+    trainer = NoisePPOTrainer(pipe, lambda images, **kw: seen.append(images) or brightness(images),
+                              args=tiny_config(tmp_path, "kandinsky22"), train_dataset=dataset)
+    assert trainer.model.config.prompt_embeds_dim is None
+    assert trainer.model.config.pooled_prompt_embeds_dim == embeds["image_embeds"].shape[-1]
+    trainer.train()
+    # the decoder's raw [-1, 1] output reaches the rewards in [0, 1]
+    assert all(images.min() >= 0 and images.max() <= 1 for images in seen)
+
+    call = {"num_inference_steps": 2, "output_type": "pt", **size_kwargs("kandinsky22"), **embeds}
+    eps = torch.randn(1, *EXPECTED_LATENT_SHAPE["kandinsky22"][1:])
+    untrained = NoisePPOPipeline(pipe, NoiseGenerator(trainer.model.config))
+    assert torch.equal(untrained(latents=eps, **call).images, pipe(latents=eps, **call).images)
+    assert not torch.equal(NoisePPOPipeline(pipe, trainer.model)(latents=eps, **call).images, pipe(latents=eps, **call).images)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
+def test_half_precision_pipeline_with_float32_generator(family, tmp_path):
+    pipe = build_pipeline(family).to(torch.bfloat16)
+    trainer = NoisePPOTrainer(pipe, brightness, args=tiny_config(tmp_path, family, max_steps=1), train_dataset=PROMPTS)
+    assert trainer.noise_dtype == torch.bfloat16
+    assert trainer.model.head.weight.dtype == torch.float32
+    trainer.train()
+    tuned = NoisePPOPipeline(pipe, trainer.model)
+    images = tuned(prompt="a cat", num_inference_steps=1, output_type="pt", **size_kwargs(family)).images
+    assert images.shape[0] == 1 and torch.isfinite(images.float()).all()
+
+
+@pytest.mark.parametrize("family", sorted(STOCHASTIC_SAMPLER_FAMILIES))
+def test_stochastic_schedulers_are_seeded(family, tmp_path):
+    images = []
+    for run in range(2):
+        trainer = NoisePPOTrainer(build_pipeline(family), brightness, args=tiny_config(tmp_path / str(run), family),
+                                  train_dataset=PROMPTS)
+        rollout = trainer._sample_and_score([{"prompt": "a red circle"}] * 2 + [{"prompt": "a blue square"}] * 2)
+        images.append(rollout["advantages"])
+    assert torch.equal(*images)
+
+    pipe = build_pipeline(family)
+    tuned = NoisePPOPipeline(pipe, trainer.model)
+    call = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "pt", **size_kwargs(family)}
+    first, second = (tuned(**call, generator=torch.Generator().manual_seed(3)).images for _ in range(2))
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "pipeline_class, reason",
+    [
+        (DDPMPipeline, "no `latents` argument"),
+        (DDIMPipeline, "no `latents` argument"),
+        (IFPipeline, "pixel space through a cascade"),
+        (StableDiffusionImg2ImgPipeline, "input image"),
+        (StableDiffusionXLInpaintPipeline, "input image and mask"),
+        (KandinskyV22CombinedPipeline, "route `latents` to the prior"),
+    ],
+)
+def test_pipelines_that_cannot_take_noise_are_refused(pipeline_class, reason):
+    with pytest.raises(ValueError, match=reason):
+        check_pipeline_takes_noise(object.__new__(pipeline_class))
+
+
+def test_generator_of_one_family_is_refused_by_another(tmp_path):
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=tiny_config(tmp_path, "sd", max_steps=1), train_dataset=PROMPTS)
+    with pytest.raises(ValueError, match="trained for StableDiffusionPipeline.*does not fit this FluxPipeline"):
+        NoisePPOPipeline(build_pipeline("flux"), trainer.model)(prompt="a cat", num_inference_steps=1, **size_kwargs("flux"))
+    with pytest.raises(ValueError, match="does not fit this StableDiffusionXLPipeline"):
+        NoisePPOTrainer(build_pipeline("sdxl"), brightness, args=tiny_config(tmp_path, "sdxl"), train_dataset=PROMPTS,
+                        noise_generator=trainer.model)
