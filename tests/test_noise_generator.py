@@ -4,9 +4,14 @@ import torch
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig
 
 
-def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True):
+ARCHITECTURES = ["pooled_mlp", "token_attention"]
+
+
+def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True, architecture="pooled_mlp", token_grid=None):
     config = NoiseGeneratorConfig(
+        architecture=architecture,
         noise_shape=list(noise_shape),
+        token_grid=token_grid,
         prompt_embeds_dim=32,
         pooled_prompt_embeds_dim=16 if pooled else None,
         base_pipeline="some/pipeline",
@@ -20,26 +25,56 @@ def conditioning(batch=3):
     return {"prompt_embeds": torch.randn(batch, 7, 32), "pooled_prompt_embeds": torch.randn(batch, 16)}
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_untrained_generator_is_standard_normal(learn_sigma):
-    mu, log_sigma = make_generator(learn_sigma=learn_sigma)(**conditioning())
+def test_untrained_generator_is_standard_normal(learn_sigma, architecture):
+    mu, log_sigma = make_generator(learn_sigma=learn_sigma, architecture=architecture)(**conditioning())
     assert mu.shape == log_sigma.shape == (3, 4, 16, 16)
     assert torch.equal(mu, torch.zeros_like(mu))
     assert torch.equal(log_sigma, torch.zeros_like(log_sigma))
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("noise_shape", [(4, 16, 16), (4, 20, 12), (16, 8, 8)])
-def test_output_has_noise_shape_and_depends_on_prompt(noise_shape):
-    generator = make_generator(noise_shape)
+def test_output_has_noise_shape_and_depends_on_prompt(noise_shape, architecture):
+    generator = make_generator(noise_shape, architecture=architecture)
     torch.nn.init.normal_(generator.head.weight)
     mu, _ = generator(**conditioning())
     assert mu.shape == (3, *noise_shape)
     assert not torch.allclose(mu[0], mu[1])
 
 
-def test_size_does_not_grow_with_noise_and_fits_sdxl_budget():
+def test_packed_noise_is_the_patch_grid_in_row_major_order():
+    packed = make_generator((6, 16), token_grid=[2, 3])
+    torch.nn.init.normal_(packed.head.weight)
+    image = make_generator((16, 2, 3))
+    image.load_state_dict(packed.state_dict())
+    inputs = conditioning()
+    mu_packed, _ = packed(**inputs)
+    mu_image, _ = image(**inputs)
+    assert mu_packed.shape == (3, 6, 16)
+    torch.testing.assert_close(mu_packed, mu_image.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_padding_tokens_are_ignored(architecture):
+    generator = make_generator(architecture=architecture, pooled=False)
+    torch.nn.init.normal_(generator.head.weight)
+    embeds = torch.randn(1, 7, 32)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0]])
+    padded = embeds.clone()
+    padded[:, 3:] = torch.randn(1, 4, 32)
+    first, _ = generator(prompt_embeds=embeds, prompt_attention_mask=mask)
+    second, _ = generator(prompt_embeds=padded, prompt_attention_mask=mask)
+    torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_size_does_not_grow_with_noise_and_fits_sdxl_budget(architecture):
     def count(noise_shape):
-        config = NoiseGeneratorConfig(noise_shape=list(noise_shape), prompt_embeds_dim=2048, pooled_prompt_embeds_dim=1280)
+        config = NoiseGeneratorConfig(
+            architecture=architecture, noise_shape=list(noise_shape), prompt_embeds_dim=2048, pooled_prompt_embeds_dim=1280
+        )
         return NoiseGenerator(config).num_parameters()
 
     sd15, sdxl = count((4, 64, 64)), count((4, 128, 128))
@@ -48,8 +83,9 @@ def test_size_does_not_grow_with_noise_and_fits_sdxl_budget():
     assert sdxl - sd15 == 64 * 64 * 9 + 64
 
 
-def test_save_and_load_round_trip(tmp_path):
-    generator = make_generator(learn_sigma=True)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_save_and_load_round_trip(tmp_path, architecture):
+    generator = make_generator(learn_sigma=True, architecture=architecture)
     torch.nn.init.normal_(generator.head.weight, std=0.1)
     generator.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
@@ -67,3 +103,9 @@ def test_bad_config_is_refused():
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16], prompt_embeds_dim=8))
     with pytest.raises(ValueError, match="prompt_embeds_dim or pooled_prompt_embeds_dim"):
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16]))
+    with pytest.raises(ValueError, match="token_grid"):
+        NoiseGenerator(NoiseGeneratorConfig(noise_shape=[256, 16], prompt_embeds_dim=8))
+    with pytest.raises(ValueError, match="Unknown architecture 'unet'"):
+        NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], prompt_embeds_dim=8, architecture="unet"))
+    with pytest.raises(ValueError, match="use architecture='pooled_mlp'"):
+        NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], pooled_prompt_embeds_dim=8, architecture="token_attention"))

@@ -29,8 +29,13 @@ class NoiseGeneratorConfig(PreTrainedConfig):
             when given the generator alone.
         pipeline_class (`str`, *optional*):
             Class name of that pipeline, for example `"StableDiffusionPipeline"`.
+        architecture (`str`, *optional*, defaults to `"pooled_mlp"`):
+            How the prompt becomes the coarse grid. `"pooled_mlp"`: an MLP reads the mean of the prompt's token
+            embeddings (and the pooled embedding, where the pipeline has one) and writes the whole grid.
+            `"token_attention"`: each grid cell is a learned query that attends over the prompt's token embeddings,
+            so each region of the noise can read different words. See the docs' architecture table for measurements.
         hidden_dim (`int`, *optional*, defaults to `256`):
-            Width of the MLP that reads the prompt.
+            Width of the MLP, or of the attention, that reads the prompt.
         grid_size (`int`, *optional*, defaults to `8`):
             Side of the coarse grid the MLP writes, before convolutional upsampling to the noise resolution. The
             parameter count depends on it, not on the noise resolution.
@@ -51,6 +56,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         pooled_prompt_embeds_dim: int | None = None,
         base_pipeline: str | None = None,
         pipeline_class: str | None = None,
+        architecture: str = "pooled_mlp",
         hidden_dim: int = 256,
         grid_size: int = 8,
         grid_channels: int = 64,
@@ -63,11 +69,78 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self.pooled_prompt_embeds_dim = pooled_prompt_embeds_dim
         self.base_pipeline = base_pipeline
         self.pipeline_class = pipeline_class
+        self.architecture = architecture
         self.hidden_dim = hidden_dim
         self.grid_size = grid_size
         self.grid_channels = grid_channels
         self.learn_sigma = learn_sigma
         super().__init__(**kwargs)
+
+
+class PooledMLPGridEncoder(nn.Module):
+    """Prompt -> grid through an MLP on the mean token embedding (and the pooled embedding)."""
+
+    def __init__(self, config: NoiseGeneratorConfig):
+        super().__init__()
+        self.config = config
+        conditioning_dim = (config.prompt_embeds_dim or 0) + (config.pooled_prompt_embeds_dim or 0)
+        if conditioning_dim == 0:
+            raise ValueError("NoiseGeneratorConfig needs prompt_embeds_dim or pooled_prompt_embeds_dim to be set.")
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(conditioning_dim),
+            nn.Linear(conditioning_dim, config.hidden_dim),
+            nn.SiLU(),
+            nn.Linear(config.hidden_dim, config.grid_channels * config.grid_size**2),
+        )
+
+    def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
+        features = []
+        if self.config.prompt_embeds_dim is not None:
+            if prompt_attention_mask is None:
+                features.append(prompt_embeds.float().mean(dim=1))
+            else:
+                weights = prompt_attention_mask.to(torch.float32).unsqueeze(-1)
+                features.append((prompt_embeds.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1))
+        if self.config.pooled_prompt_embeds_dim is not None:
+            features.append(pooled_prompt_embeds.float())
+        grid = self.mlp(torch.cat(features, dim=-1))
+        return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
+
+
+class TokenAttentionGridEncoder(nn.Module):
+    """Prompt -> grid by cross-attention: each grid cell is a learned query over the prompt's token embeddings (the
+    pooled embedding, where the pipeline has one, is added to every query)."""
+
+    def __init__(self, config: NoiseGeneratorConfig):
+        super().__init__()
+        if config.prompt_embeds_dim is None:
+            raise ValueError(
+                "The token_attention architecture reads per-token prompt embeddings, which this pipeline does not "
+                "have (it is conditioned on one embedding): use architecture='pooled_mlp'."
+            )
+        self.config = config
+        self.queries = nn.Parameter(torch.randn(config.grid_size**2, config.hidden_dim) * 0.02)
+        self.token_norm = nn.LayerNorm(config.prompt_embeds_dim)
+        self.token_projection = nn.Linear(config.prompt_embeds_dim, config.hidden_dim)
+        if config.pooled_prompt_embeds_dim is not None:
+            self.pooled_projection = nn.Sequential(
+                nn.LayerNorm(config.pooled_prompt_embeds_dim), nn.Linear(config.pooled_prompt_embeds_dim, config.hidden_dim)
+            )
+        self.attention = nn.MultiheadAttention(config.hidden_dim, num_heads=4, batch_first=True)
+        self.to_grid = nn.Sequential(nn.LayerNorm(config.hidden_dim), nn.Linear(config.hidden_dim, config.grid_channels))
+
+    def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
+        tokens = self.token_projection(self.token_norm(prompt_embeds.float()))
+        queries = self.queries.expand(len(tokens), -1, -1)
+        if self.config.pooled_prompt_embeds_dim is not None:
+            queries = queries + self.pooled_projection(pooled_prompt_embeds.float()).unsqueeze(1)
+        padding = None if prompt_attention_mask is None else prompt_attention_mask == 0
+        attended, _ = self.attention(queries, tokens, tokens, key_padding_mask=padding, need_weights=False)
+        cells = self.to_grid(queries + attended)  # (batch, grid_size**2, grid_channels)
+        return cells.transpose(1, 2).reshape(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
+
+
+GRID_ENCODERS = {"pooled_mlp": PooledMLPGridEncoder, "token_attention": TokenAttentionGridEncoder}
 
 
 class NoiseGenerator(PreTrainedModel):
@@ -76,9 +149,9 @@ class NoiseGenerator(PreTrainedModel):
 
         x_T = mu(c) + sigma(c) * eps,    eps ~ N(0, I)
 
-    The prompt conditioning `c` is the pipeline's own prompt embeddings (mean over its real tokens, concatenated with the
-    pooled embedding where the pipeline has one). An MLP writes a coarse `grid_size` x `grid_size` map, which convolutions
-    upsample to the noise resolution, so the parameter count does not grow with the noise. The last convolution is
+    The prompt conditioning `c` is the pipeline's own prompt embeddings. A grid encoder (`config.architecture`) turns
+    them into a coarse `grid_size` x `grid_size` map, which convolutions upsample to the noise resolution, so the
+    parameter count does not grow with the noise. The last convolution is
     zero-initialised: an untrained generator is exactly N(0, I), the base pipeline's own prior.
 
     Examples:
@@ -106,17 +179,10 @@ class NoiseGenerator(PreTrainedModel):
                 "NoiseGeneratorConfig.noise_shape must be [channels, height, width], or [patches, features] with "
                 f"token_grid=[rows, columns]; got noise_shape={config.noise_shape}, token_grid={config.token_grid}."
             )
-        conditioning_dim = (config.prompt_embeds_dim or 0) + (config.pooled_prompt_embeds_dim or 0)
-        if conditioning_dim == 0:
-            raise ValueError("NoiseGeneratorConfig needs prompt_embeds_dim or pooled_prompt_embeds_dim to be set.")
+        if config.architecture not in GRID_ENCODERS:
+            raise ValueError(f"Unknown architecture {config.architecture!r}; choose one of {sorted(GRID_ENCODERS)}.")
+        self.grid_encoder = GRID_ENCODERS[config.architecture](config)
         channels, height, width = self._image_shape()
-        width_of_grid = config.grid_channels * config.grid_size**2
-        self.prompt_mlp = nn.Sequential(
-            nn.LayerNorm(conditioning_dim),
-            nn.Linear(conditioning_dim, config.hidden_dim),
-            nn.SiLU(),
-            nn.Linear(config.hidden_dim, width_of_grid),
-        )
         num_upsamplings = max(0, math.ceil(math.log2(max(height, width) / config.grid_size)))
         self.upsampler = nn.Sequential(
             *[
@@ -165,18 +231,8 @@ class NoiseGenerator(PreTrainedModel):
             `tuple[torch.Tensor, torch.Tensor]`: the mean `mu` and the log standard deviation `log_sigma` of the noise,
             each of shape `(batch, *noise_shape)`.
         """
-        features = []
-        if self.config.prompt_embeds_dim is not None:
-            if prompt_attention_mask is None:
-                features.append(prompt_embeds.float().mean(dim=1))
-            else:
-                weights = prompt_attention_mask.to(torch.float32).unsqueeze(-1)
-                features.append((prompt_embeds.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1))
-        if self.config.pooled_prompt_embeds_dim is not None:
-            features.append(pooled_prompt_embeds.float())
-        conditioning = torch.cat(features, dim=-1)
         channels, height, width = self._image_shape()
-        grid = self.prompt_mlp(conditioning).view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
+        grid = self.grid_encoder(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
         grid = self.upsampler(grid)
         if grid.shape[-2:] != (height, width):
             grid = nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
@@ -189,3 +245,19 @@ class NoiseGenerator(PreTrainedModel):
             # patches in row-major order, as the pipelines pack them
             mu, log_sigma = (x.flatten(2).transpose(1, 2) for x in (mu, log_sigma))
         return mu, log_sigma
+
+
+def load_noise_generator(pretrained_model_name_or_path: str, **kwargs) -> nn.Module:
+    """
+    Loads a noise generator from the Hub or a folder: a [`NoiseGenerator`], or a LoRA adapter trained on one (saved by
+    `NoisePPOTrainer(peft_config=...)`), which is then composed with the base generator its config names.
+    """
+    path = str(pretrained_model_name_or_path)
+    try:
+        from peft import PeftConfig, PeftModel
+
+        adapter_config = PeftConfig.from_pretrained(path, **kwargs)
+    except (ImportError, ValueError, OSError):
+        return NoiseGenerator.from_pretrained(path, **kwargs)
+    base = NoiseGenerator.from_pretrained(adapter_config.base_model_name_or_path, **kwargs)
+    return PeftModel.from_pretrained(base, path, **kwargs)

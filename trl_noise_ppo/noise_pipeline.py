@@ -6,7 +6,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import HfApi
 
-from .noise_generator import NoiseGenerator
+from .noise_generator import NoiseGenerator, load_noise_generator
 from .noise_injection import (
     check_generator_fits,
     check_pipeline_takes_noise,
@@ -33,7 +33,8 @@ class NoisePPOPipeline:
 
     Args:
         pipeline (`DiffusionPipeline`): the frozen text-to-image pipeline; it must accept `latents=`.
-        noise_generator ([`NoiseGenerator`]): the trained generator; it must fit the pipeline.
+        noise_generator ([`NoiseGenerator`], or a peft `PeftModel` of one): the trained generator; it must fit the
+            pipeline.
 
     Examples:
 
@@ -44,7 +45,7 @@ class NoisePPOPipeline:
     ```
     """
 
-    def __init__(self, pipeline: DiffusionPipeline, noise_generator: NoiseGenerator):
+    def __init__(self, pipeline: DiffusionPipeline, noise_generator: torch.nn.Module):
         check_pipeline_takes_noise(pipeline)
         self.pipeline = pipeline
         self.noise_generator = noise_generator
@@ -58,17 +59,19 @@ class NoisePPOPipeline:
         Loads a base pipeline and a noise generator. `pretrained_model_name_or_path` is one of:
 
         - a folder written by [`NoisePPOPipeline.save_pretrained`] (the generator is in its `noise_generator/`);
-        - a noise generator (Hub id or folder) alone: the base pipeline is the one recorded in its config;
-        - a base pipeline (Hub id or folder), with `noise_generator` given as a [`NoiseGenerator`], Hub id or folder.
+        - a noise generator (Hub id or folder, or a LoRA adapter of one) alone: the base pipeline is the one recorded in
+          its config;
+        - a base pipeline (Hub id or folder), with `noise_generator` given as a [`NoiseGenerator`] (or a peft model of
+          one), Hub id or folder.
 
         Other keyword arguments (`torch_dtype`, `revision`, `variant`, ...) go to `DiffusionPipeline.from_pretrained`.
         """
         path = str(pretrained_model_name_or_path)
         if noise_generator is None and os.path.isdir(os.path.join(path, NOISE_GENERATOR_FOLDER)):
-            noise_generator = NoiseGenerator.from_pretrained(os.path.join(path, NOISE_GENERATOR_FOLDER))
+            noise_generator = load_noise_generator(os.path.join(path, NOISE_GENERATOR_FOLDER))
             base = path
         elif noise_generator is None:
-            noise_generator = NoiseGenerator.from_pretrained(path)
+            noise_generator = load_noise_generator(path)
             base = noise_generator.config.base_pipeline
             if not base:
                 raise ValueError(
@@ -77,8 +80,8 @@ class NoisePPOPipeline:
                 )
         else:
             base = path
-            if not isinstance(noise_generator, NoiseGenerator):
-                noise_generator = NoiseGenerator.from_pretrained(noise_generator)
+            if isinstance(noise_generator, str | os.PathLike):
+                noise_generator = load_noise_generator(noise_generator)
         return cls(DiffusionPipeline.from_pretrained(base, **kwargs), noise_generator)
 
     def save_pretrained(self, save_directory: str, push_to_hub: bool = False, **kwargs) -> None:

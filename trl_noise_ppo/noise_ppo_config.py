@@ -118,7 +118,11 @@ class NoisePPOConfig(_BaseConfig):
     learn_sigma: bool = field(
         default=False, metadata={"help": "Whether a new generator learns the noise's standard deviation too."}
     )
-    generator_hidden_dim: int = field(default=256, metadata={"help": "Width of a new generator's prompt MLP."})
+    generator_architecture: str = field(
+        default="pooled_mlp",
+        metadata={"help": "How a new generator reads the prompt.", "choices": ["pooled_mlp", "token_attention"]},
+    )
+    generator_hidden_dim: int = field(default=256, metadata={"help": "Width of a new generator's prompt reader."})
     generator_grid_size: int = field(default=8, metadata={"help": "Side of a new generator's coarse grid."})
     generator_grid_channels: int = field(default=64, metadata={"help": "Channels of a new generator's grid."})
 

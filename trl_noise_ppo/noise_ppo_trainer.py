@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard, ModelCardData
+from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -17,7 +18,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, get_callable_name
 
 from . import __version__
-from .noise_generator import NoiseGenerator
+from .noise_generator import NoiseGenerator, load_noise_generator
 from .noise_injection import (
     check_generator_fits,
     check_pipeline_takes_noise,
@@ -99,9 +100,13 @@ class NoisePPOTrainer(_BaseTrainer):
             Configuration. Defaults to `NoisePPOConfig("<pipeline class>-NoisePPO")`.
         train_dataset ([`~datasets.Dataset`]):
             Prompts, in a `prompt` column. Other columns are passed to the reward functions.
-        noise_generator ([`NoiseGenerator`], *optional*):
-            A generator to continue training. Defaults to a new, zero-initialised one (exactly N(0, I)) sized for the
-            pipeline's noise at the configured resolution.
+        noise_generator ([`NoiseGenerator`] or `str`, *optional*):
+            A generator to continue training: a model, or its Hub id or folder (a LoRA adapter folder is composed with
+            its base). It must fit the pipeline. Defaults to a new, zero-initialised one (exactly N(0, I)) sized for
+            the pipeline's noise at the configured resolution.
+        peft_config (`peft.PeftConfig`, *optional*):
+            Train adapters on the generator instead of all of it, e.g. `LoraConfig(r=8, target_modules=[...])`;
+            `save_model` then writes the adapter, with a model card naming the base generator.
         callbacks (list of [`~transformers.TrainerCallback`], *optional*):
             Callbacks for the training loop.
         optimizers (`tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]`, *optional*):
@@ -153,7 +158,8 @@ class NoisePPOTrainer(_BaseTrainer):
         reward_funcs: str | Callable | list[str | Callable],
         args: NoisePPOConfig | None = None,
         train_dataset: Dataset | None = None,
-        noise_generator: NoiseGenerator | None = None,
+        noise_generator: NoiseGenerator | str | None = None,
+        peft_config=None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
     ):
@@ -180,12 +186,15 @@ class NoisePPOTrainer(_BaseTrainer):
 
         example_embeds = prompt_conditioning(pipeline, [train_dataset[0]])
         noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, example_embeds))
+        if isinstance(noise_generator, str | os.PathLike):
+            noise_generator = load_noise_generator(noise_generator)
         if noise_generator is None:
             noise_generator = NoiseGenerator(
                 generator_config_for(
                     pipeline,
                     noise_spec,
                     example_embeds,
+                    architecture=args.generator_architecture,
                     hidden_dim=args.generator_hidden_dim,
                     grid_size=args.generator_grid_size,
                     grid_channels=args.generator_grid_channels,
@@ -193,6 +202,10 @@ class NoisePPOTrainer(_BaseTrainer):
                 )
             )
         check_generator_fits(noise_generator.config, noise_spec, example_embeds, pipeline)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            noise_generator = get_peft_model(noise_generator, peft_config)
         self.noise_dtype = noise_spec.dtype
 
         super().__init__(
@@ -403,8 +416,12 @@ class NoisePPOTrainer(_BaseTrainer):
         if not self.is_world_process_zero():
             return
         output_dir = output_dir or self.args.output_dir
-        config = self.accelerator.unwrap_model(self.model).config
-        base_model = config.base_pipeline if config.base_pipeline and not os.path.isdir(config.base_pipeline) else None
+        model = self.accelerator.unwrap_model(self.model)
+        config = model.config
+        # an adapter's base is the generator it adapts; a generator's is the pipeline
+        adapter_of = model.peft_config["default"].base_model_name_or_path if is_peft_model(model) else None
+        base_model = adapter_of or config.base_pipeline
+        base_model = base_model if base_model and not os.path.isdir(base_model) else None
         tags = {tags} if isinstance(tags, str) else set(tags or [])
         tags.update(self._tag_names)
         card_data = ModelCardData(
@@ -420,6 +437,8 @@ class NoisePPOTrainer(_BaseTrainer):
             template_path=str(Path(__file__).parent / "templates" / "noise_generator_card.md"),
             model_name=model_name or Path(output_dir).name,
             base_model=base_model,
+            adapter_of=adapter_of,
+            base_pipeline=config.base_pipeline,
             pipeline_class=config.pipeline_class,
             hub_model_id=self.hub_model_id or Path(output_dir).name,
             dataset_name=dataset_name,

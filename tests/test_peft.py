@@ -1,0 +1,82 @@
+"""LoRA adapters on a trained noise generator, through peft."""
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+
+from tests.tiny_pipelines import build_pipeline
+from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer
+from trl_noise_ppo.noise_generator import load_noise_generator
+
+
+PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square"]})
+LORA_TARGETS = ["grid_encoder.mlp.1", "grid_encoder.mlp.3", "head"]
+
+
+def brightness(images, **kwargs):
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+def config(path, **overrides):
+    defaults = dict(output_dir=str(path), num_inference_steps=1, num_generations=2, per_device_train_batch_size=4,
+                    num_iterations=2, max_steps=2, learning_rate=1e-2, save_strategy="no", report_to="none",
+                    disable_tqdm=True)
+    return NoisePPOConfig(**{**defaults, **overrides})
+
+
+@pytest.fixture(scope="module")
+def base_generator_dir(tmp_path_factory):
+    """A trained generator saved to a folder, as one pulled from the Hub would be."""
+    path = tmp_path_factory.mktemp("base_generator")
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=config(path), train_dataset=PROMPTS)
+    trainer.train()
+    trainer.save_model()
+    return path
+
+
+def test_continue_training_from_a_path(base_generator_dir, tmp_path):
+    base = NoiseGenerator.from_pretrained(base_generator_dir)
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=config(tmp_path), train_dataset=PROMPTS,
+                              noise_generator=str(base_generator_dir))
+    assert torch.equal(trainer.model.head.weight, base.head.weight)
+    trainer.train()
+    assert not torch.equal(trainer.model.head.weight, base.head.weight)
+
+
+def test_lora_trains_only_adapters_and_reloads(base_generator_dir, tmp_path):
+    base = NoiseGenerator.from_pretrained(base_generator_dir)
+    trainer = NoisePPOTrainer(
+        build_pipeline("sd"), brightness, args=config(tmp_path), train_dataset=PROMPTS,
+        noise_generator=str(base_generator_dir), peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS),
+    )
+    assert isinstance(trainer.model, PeftModel)
+    before = {name: value.clone() for name, value in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {name for name, value in trainer.model.named_parameters() if not torch.equal(value, before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert not any(p.requires_grad for name, p in trainer.model.named_parameters() if "lora_" not in name)
+
+    trainer.save_model()
+    out = tmp_path
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert f"A LoRA adapter of the noise generator `{base_generator_dir}`" in (out / "README.md").read_text()
+
+    conditioning = {"prompt_embeds": torch.randn(2, 77, 32)}
+    expected, _ = trainer.model(**conditioning)
+    reloaded = load_noise_generator(out)
+    assert isinstance(reloaded, PeftModel)
+    torch.testing.assert_close(reloaded(**conditioning)[0], expected)
+
+    merged = reloaded.merge_and_unload()
+    assert isinstance(merged, NoiseGenerator)
+    merged.save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(NoiseGenerator.from_pretrained(tmp_path / "merged")(**conditioning)[0], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(base(**conditioning)[0], expected)
+
+    pipe = build_pipeline("sd")
+    call = {"num_inference_steps": 1, "output_type": "pt", "generator": torch.Generator().manual_seed(0)}
+    with_adapter = NoisePPOPipeline(pipe, reloaded)("a red circle", **call).images
+    call["generator"] = torch.Generator().manual_seed(0)
+    with_merged = NoisePPOPipeline(pipe, merged)("a red circle", **call).images
+    torch.testing.assert_close(with_adapter, with_merged, atol=1e-4, rtol=0)
