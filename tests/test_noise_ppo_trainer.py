@@ -278,3 +278,27 @@ def test_two_processes_end_with_identical_generators(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_push_to_hub_uploads_generator_and_model_card(tmp_path, monkeypatch):
+    uploaded = {}
+
+    class FakeHub:
+        def create_repo(self, repo_name, **kwargs):
+            return type("RepoUrl", (), {"repo_id": f"user/{repo_name}"})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded["repo_id"] = repo_id
+            uploaded["files"] = {path.name: path.read_bytes() for path in Path(folder_path).iterdir() if path.is_file()}
+
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: FakeHub())
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, max_steps=1, hub_model_id="shapes-noise"),
+                              train_dataset=PROMPTS)
+    trainer.train()
+    trainer.push_to_hub(dataset_name="user/prompts")
+
+    assert uploaded["repo_id"] == "user/shapes-noise"
+    assert {"model.safetensors", "config.json", "README.md"} <= set(uploaded["files"])
+    card = uploaded["files"]["README.md"].decode()
+    assert "NoisePPOPipeline.from_pretrained(\"user/shapes-noise\")" in card
+    assert "datasets: user/prompts" in card and "2506.12036" in card
