@@ -2,7 +2,7 @@
 whether an untrained generator reproduces the base pipeline's image exactly for the same eps. Tiny offline pipelines
 of each architecture (tests/tiny_pipelines.py). Run from the repository root:
 
-    python benchmarks/families.py
+    python -m benchmarks.families
 """
 
 import torch

@@ -5,8 +5,8 @@ For Stable Diffusion 1.5 (noise 4 x 64 x 64 at 512 px, prompt embeddings 77 x 76
 from its published configuration (random weights, nothing downloaded), and times one generator forward pass and one
 UNet call (one denoising step without classifier-free guidance), batch 1, float32, on this machine. Run:
 
-    python benchmarks/generator_cost.py                 # both sizes, both architectures
-    python benchmarks/generator_cost.py --sizes sd15    # SD 1.5 only (the SDXL UNet needs about 11 GB of memory)
+    python -m benchmarks.generator_cost                 # both sizes, both architectures
+    python -m benchmarks.generator_cost --sizes sd15    # SD 1.5 only (the SDXL UNet needs about 11 GB of memory)
 """
 
 import statistics

@@ -170,6 +170,9 @@ def test_dataset_errors(tmp_path):
         NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path), train_dataset=Dataset.from_dict({"text": ["a"]}))
     with pytest.raises(ValueError, match="needs a train_dataset"):
         NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path))
+    with pytest.raises(ValueError, match=r"columns \['images'\], names the reward functions' own arguments take"):
+        NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path),
+                        train_dataset=Dataset.from_dict({"prompt": ["a"], "images": ["x.png"]}))
 
 
 def test_config_errors(tmp_path):

@@ -54,6 +54,9 @@ class NoisePPOConfig(_BaseConfig):
             Group-normalised advantages are clipped to `[-advantage_clip, advantage_clip]`.
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             Weights of the reward functions. `None` weights each reward `1.0`.
+        log_images_steps (`int` or `None`, *optional*, defaults to `None`):
+            Log sampled images, with their prompts and rewards, to the trackers of `report_to` that take images
+            (wandb, trackio) every this many optimiser steps. `None` never logs them.
 
         > Parameters that control the noise generator
 
@@ -69,8 +72,9 @@ class NoisePPOConfig(_BaseConfig):
 
         > Parameters that differ from those of [`~transformers.TrainingArguments`]
 
-        learning_rate (`float`, *optional*, defaults to `1e-4`):
-            Initial learning rate for the [`~torch.optim.AdamW`] optimiser.
+        learning_rate (`float`, *optional*, defaults to `1e-3`):
+            Initial learning rate for the [`~torch.optim.AdamW`] optimiser (chosen on the shapes-world benchmark: 3e-4
+            learned half as much in 50 generation batches, 3e-3 no more than 1e-3).
         per_device_train_batch_size (`int`, *optional*, defaults to `8`):
             Images per process per micro-step.
         logging_steps (`float`, *optional*, defaults to `1`):
@@ -113,6 +117,10 @@ class NoisePPOConfig(_BaseConfig):
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward functions; None weights each 1.0."}
     )
+    log_images_steps: int | None = field(
+        default=None,
+        metadata={"help": "Log sampled images with prompts and rewards to wandb/trackio every this many steps; None: never."},
+    )
 
     # Parameters that control the noise generator
     learn_sigma: bool = field(
@@ -127,7 +135,7 @@ class NoisePPOConfig(_BaseConfig):
     generator_grid_channels: int = field(default=64, metadata={"help": "Channels of a new generator's grid."})
 
     # Parameters that differ from those of TrainingArguments
-    learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate for AdamW."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate for AdamW."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Images per process per micro-step."})
     logging_steps: float = field(default=1, metadata={"help": "Log every X optimiser steps."})
     gradient_checkpointing: bool = field(

@@ -18,6 +18,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, get_callable_name
 
 from . import __version__
+from .image_logging import log_images
 from .noise_generator import NoiseGenerator, load_noise_generator
 from .noise_injection import (
     check_generator_fits,
@@ -75,6 +76,12 @@ def _check_prompt_dataset(dataset) -> None:
         )
     if len(dataset) == 0:
         raise ValueError("The train_dataset is empty: Noise PPO needs at least one prompt to train on.")
+    reserved = sorted({"prompts", "images", "trainer_state"} & set(columns or []))
+    if reserved:
+        raise ValueError(
+            f"The train_dataset has columns {reserved}, names the reward functions' own arguments take (`prompts`, "
+            "`images`, `trainer_state`); rename them, e.g. `dataset.rename_column('prompts', 'prompt')`."
+        )
 
 
 class NoisePPOTrainer(_BaseTrainer):
@@ -322,6 +329,7 @@ class NoisePPOTrainer(_BaseTrainer):
         weights = self.reward_weights.to(device)
         rewards = (rewards_per_func * weights).nansum(dim=1)
         rewards[rewards_per_func.isnan().all(dim=1)] = torch.nan
+        log_images(self, images, prompts, rewards)
 
         # A = clip((r - mean_group(r)) / std_group(r))
         advantages = group_advantages(rewards, k, self.args.advantage_clip)

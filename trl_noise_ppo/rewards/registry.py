@@ -33,7 +33,7 @@ def create_reward(name: str) -> Callable:
 def resolve_reward_funcs(reward_funcs: str | Callable | list[str | Callable]) -> list[Callable]:
     """Turns names of built-in rewards into reward objects; callables pass through unchanged.
 
-    Example:
+    Examples:
         >>> def brightness(images, **kwargs):
         ...     return images.mean(dim=(1, 2, 3)).tolist()
         >>> [reward.__name__ for reward in resolve_reward_funcs(["jpeg_compressibility", brightness])]

@@ -1,0 +1,212 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.tiny_pipelines import build_pipeline
+from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOPipeline
+from trl_noise_ppo.cli import main
+from trl_noise_ppo.scripts.evaluate import interval
+from trl_noise_ppo.scripts.utils import PromptArguments, load_prompt_dataset, load_prompts, reward_funcs_from_names
+
+
+REPO = Path(__file__).parent.parent
+
+
+def brightness(images, **kwargs):
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline saved to a folder, as a Hub pipeline would be downloaded."""
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    build_pipeline("sd").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\n\na blue square\na green triangle\na yellow star\n")
+    return path
+
+
+def generator_for(pipeline_folder: Path, output_folder: Path, perturbed: bool) -> Path:
+    """Saves a generator for the tiny SD pipeline: untrained (exactly N(0, I)) or with every weight moved."""
+    text_encoder = build_pipeline("sd").text_encoder
+    config = NoiseGeneratorConfig(
+        noise_shape=[4, 32, 32],
+        prompt_embeds_dim=text_encoder.config.hidden_size,
+        base_pipeline=str(pipeline_folder),
+        pipeline_class="StableDiffusionPipeline",
+    )
+    generator = NoiseGenerator(config)
+    if perturbed:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for parameter in generator.parameters():
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    generator.save_pretrained(output_folder)
+    return output_folder
+
+
+# ---- train ----
+
+
+def test_train_on_two_processes(tmp_path, tiny_sd, prompt_file):
+    config = tmp_path / "config.yaml"
+    # num_processes is no training argument: like `trl grpo`, the command hands it to accelerate
+    config.write_text(
+        f"pipeline_name_or_path: {tiny_sd}\ndataset_name: {prompt_file}\nreward_funcs: [jpeg_compressibility]\n"
+        "num_inference_steps: 1\nnum_generations: 2\nper_device_train_batch_size: 2\nnum_iterations: 1\n"
+        "max_steps: 2\nlearning_rate: 1.0e-3\nsave_strategy: 'no'\nreport_to: none\nnum_processes: 2\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        # --multi_gpu with use_cpu makes the two processes join over gloo on a machine without GPUs
+        [sys.executable, "-m", "trl_noise_ppo.cli", "train", "--config", str(config), "--multi_gpu", "--use_cpu", "True",
+         "--dtype", "float32", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Trained on 2 process(es)" in result.stdout
+    generator = NoiseGenerator.from_pretrained(tmp_path / "out")
+    assert any(parameter.abs().sum() > 0 for name, parameter in generator.named_parameters() if "head" in name)
+    assert "2506.12036" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"--reward_funcs": ["pickscor"]}, ValueError, "Unknown reward 'pickscor'. Known rewards: aesthetic"),
+        ({"--reward_funcs": ["no_such_module.reward"]}, ValueError, "Could not import the reward 'no_such_module.reward'"),
+        ({"--reward_weights": ["1.0", "2.0"]}, ValueError, "2 reward_weights for 1 reward_funcs"),
+        ({"--prompt_column": "caption"}, ValueError, r"has no column 'caption'; its columns are \['text'\]"),
+        ({"--dataset_name": "missing.txt"}, FileNotFoundError, "The prompt dataset 'missing.txt' does not exist"),
+        ({"--pipeline": "./missing_pipeline"}, FileNotFoundError, "The pipeline './missing_pipeline' does not exist"),
+        ({"--learnin_rate": "1e-3"}, ValueError, r"Unknown argument\(s\) \['--learnin_rate'\]"),
+    ],
+    ids=["unknown reward", "unimportable reward", "reward weights", "missing column", "missing prompt file",
+         "missing pipeline", "unknown argument"],
+)
+def test_train_errors_come_before_anything_loads_or_launches(tmp_path, tiny_sd, monkeypatch, change, error, message):
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.jsonl").write_text('{"text": "a cat"}\n')
+    monkeypatch.setattr("trl_noise_ppo.cli.launch_command", lambda args: pytest.fail("launched"))
+    monkeypatch.setattr("diffusers.DiffusionPipeline.from_pretrained", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    arguments = {"--pipeline": str(tiny_sd), "--dataset_name": "prompts.jsonl", "--prompt_column": "text",
+                 "--reward_funcs": ["jpeg_compressibility"], "--output_dir": "out", **change}
+    argv = ["train"]
+    for name, value in arguments.items():
+        argv += [name, *value] if isinstance(value, list) else [name, value]
+    with pytest.raises(error, match=message):
+        main(argv)
+
+
+# ---- evaluate ----
+
+
+def evaluate(tmp_path, generator, steps=("1", "2")):
+    main(["evaluate", "--noise_generator", str(generator), "--reward_funcs", "tests.test_cli.brightness",
+          "jpeg_compressibility", "--prompts", "a red circle", "a blue square", "--num_inference_steps", *steps,
+          "--num_images_per_prompt", "3", "--height", "64", "--width", "64", "--output_dir", str(tmp_path / "eval"),
+          "--device", "cpu"])
+    return json.loads((tmp_path / "eval" / "results.json").read_text())
+
+
+def test_evaluate_writes_table_json_and_grid(tmp_path, tiny_sd):
+    report = evaluate(tmp_path, generator_for(tiny_sd, tmp_path / "generator", perturbed=True))
+    results = report["results"]
+    assert [(r["num_inference_steps"], r["reward"]) for r in results] == [
+        (1, "brightness"), (1, "jpeg_compressibility"), (2, "brightness"), (2, "jpeg_compressibility")]
+
+    for result in results:
+        # mean +/- 1.96 s / sqrt(n) over the 2 prompts x 3 images
+        values = np.array(result["tuned_rewards"])
+        assert len(values) == 6 and result["tuned"]["n"] == 6
+        half_width = 1.959964 * values.std(ddof=1) / math.sqrt(6)
+        np.testing.assert_allclose(result["tuned"]["ci95"], [values.mean() - half_width, values.mean() + half_width])
+        differences = np.array(result["tuned_rewards"]) - np.array(result["base_rewards"])
+        np.testing.assert_allclose(result["difference"]["mean"], differences.mean())
+    assert any(abs(result["difference"]["mean"]) > 0 for result in results)  # the perturbed generator changes images
+
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| steps | reward | base | tuned | difference |" in table
+    assert "| 2 | jpeg_compressibility |" in table and "2 prompts x 3 images" in table
+    grid = Image.open(tmp_path / "eval" / "grid.png")
+    assert grid.size == (110 + 2 * 256, 4 * 256)  # 2 prompts; base and tuned rows at 2 step counts
+
+
+def test_evaluate_pairs_images_by_seed(tmp_path, tiny_sd):
+    """With an untrained generator the tuned pipeline is the base one: the same seeds must give the same images."""
+    report = evaluate(tmp_path, generator_for(tiny_sd, tmp_path / "generator", perturbed=False), steps=("2",))
+    for result in report["results"]:
+        assert result["tuned_rewards"] == result["base_rewards"]
+        assert result["difference"]["ci95"] == [0.0, 0.0]
+    assert len(set(report["results"][0]["base_rewards"])) == 6  # and every image has its own seed
+
+
+def test_interval_leaves_out_unscored_images():
+    stats = interval([1.0, float("nan"), 3.0])
+    assert stats["n"] == 2 and stats["mean"] == 2.0
+    np.testing.assert_allclose(stats["ci95"], [2.0 - 1.959964, 2.0 + 1.959964])  # s = sqrt(2), n = 2
+    assert interval([float("nan"), 5.0]) == {"mean": 5.0, "std": None, "n": 1, "ci95": None}
+
+
+# ---- generate ----
+
+
+def test_generate_writes_seeded_pngs_and_metadata(tmp_path, tiny_sd):
+    generator = generator_for(tiny_sd, tmp_path / "generator", perturbed=True)
+    main(["generate", "--noise_generator", str(generator), "--prompts", "a red circle", "a blue square",
+          "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64", "--width", "64",
+          "--seed", "10", "--output_dir", str(tmp_path / "images"), "--device", "cpu"])
+
+    files = sorted(path.name for path in (tmp_path / "images").glob("*.png"))
+    assert files == ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png"]
+    metadata = [json.loads(line) for line in (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert metadata[3] == {"file_name": "00001_01.png", "prompt": "a blue square", "seed": 13}
+
+    tuned = NoisePPOPipeline.from_pretrained(str(generator))
+    tuned.set_progress_bar_config(disable=True)
+    expected = tuned("a blue square", num_inference_steps=2, height=64, width=64,
+                     generator=[torch.Generator().manual_seed(13)], output_type="pil").images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "images" / "00001_01.png")), np.asarray(expected))
+
+
+# ---- prompts and rewards ----
+
+
+def test_prompt_sources(tmp_path, prompt_file):
+    assert load_prompt_dataset(PromptArguments(dataset_name=str(prompt_file)))["prompt"] == [
+        "a red circle", "a blue square", "a green triangle", "a yellow star"]  # blank lines skipped
+
+    (tmp_path / "prompts.csv").write_text("caption,category\na cat,animal\na car,vehicle\na dog,animal\n")
+    dataset = load_prompt_dataset(PromptArguments(dataset_name=str(tmp_path / "prompts.csv"), prompt_column="caption", max_prompts=2))
+    assert dataset["prompt"] == ["a cat", "a car"] and dataset["category"] == ["animal", "vehicle"]
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"prompts": "a cat"}\n{"prompts": "a dog"}\n')
+    assert load_prompt_dataset(PromptArguments(dataset_name=str(folder), prompt_column="prompts"))["prompt"] == ["a cat", "a dog"]
+
+    assert load_prompts(["a", "b", "c"], PromptArguments(max_prompts=2)) == ["a", "b"]
+    with pytest.raises(ValueError, match="not both"):
+        load_prompts(["a"], PromptArguments(dataset_name=str(prompt_file)))
+    with pytest.raises(ValueError, match="Unsupported prompt file"):
+        (tmp_path / "prompts.xml").write_text("<a/>")
+        load_prompt_dataset(PromptArguments(dataset_name=str(tmp_path / "prompts.xml")))
+
+
+def test_reward_names_resolve_without_loading_models():
+    assert reward_funcs_from_names(["pickscore", "hpsv2.1", "tests.test_cli.brightness"]) == ["pickscore", "hpsv2.1", brightness]
+    with pytest.raises(ValueError, match="No reward given"):
+        reward_funcs_from_names([])

@@ -1,0 +1,88 @@
+"""
+The `trl-noise-ppo` command:
+
+    trl-noise-ppo train --config examples/sd_turbo_pickscore.yaml [--num_processes 4] [--any NoisePPOConfig field]
+    trl-noise-ppo evaluate --noise_generator out/ --reward_funcs pickscore --dataset_name prompts.txt
+    trl-noise-ppo generate --noise_generator out/ --prompts "a cat" "a dog" --output_dir images/
+
+`train` launches its script through `accelerate launch`, as `trl grpo` does: the arguments its dataclasses do not know
+(`--num_processes`, `--multi_gpu`, `--config_file`, ... on the command line or as keys of the `--config` YAML) go to
+accelerate. `evaluate` and `generate` run in this process, on one device.
+"""
+
+import argparse
+import importlib
+import subprocess
+import sys
+
+from accelerate.commands.launch import launch_command, launch_command_parser
+
+from .scripts import train
+
+
+COMMANDS = {
+    "train": "Train a noise generator with Noise PPO (launched through accelerate).",
+    "evaluate": "Compare a base pipeline with the same pipeline and a trained noise generator.",
+    "generate": "Make images from prompts with a trained noise generator.",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="trl-noise-ppo", description="Noise PPO for text-to-image pipelines.")
+    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, help_text in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)  # each command parses its own arguments
+    command = parser.parse_known_args(argv)[0].command
+    if command is None:
+        parser.print_help()
+        return 0
+    command_args = argv[argv.index(command) + 1 :]
+    if command == "train":
+        return launch_train(command_args)
+    script = importlib.import_module(f"trl_noise_ppo.scripts.{command}")
+    script.main(*script.make_parser(prog=f"trl-noise-ppo {command}").parse_args_and_config(command_args))
+    return 0
+
+
+def launch_train(args: list[str]) -> int:
+    """Checks the training arguments here, so that mistakes show before any process starts, then runs the training
+    script under `accelerate launch` with the arguments it does not know."""
+    *parsed, config_remaining, cli_remaining = train.make_parser(prog="trl-noise-ppo train").parse_args_and_config(
+        args, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_parser = launch_command_parser()
+    launch_options = {option for action in launch_parser._actions for option in action.option_strings}
+    unknown = [arg for arg in config_remaining + cli_remaining if arg.startswith("-") and arg.split("=")[0] not in launch_options]
+    if unknown:
+        raise ValueError(
+            f"Unknown argument(s) {unknown}: neither a training argument (see `trl-noise-ppo train --help`) nor an "
+            "`accelerate launch` one."
+        )
+    train.check_arguments(*parsed)
+    script_args = _without_subsequence(args, cli_remaining)
+    accelerate_args = launch_parser.parse_args(
+        config_remaining + cli_remaining + ["--module", "trl_noise_ppo.scripts.train"] + script_args
+    )
+    try:
+        launch_command(accelerate_args)
+    except subprocess.CalledProcessError as error:
+        return error.returncode  # the training process has already printed its error
+    return 0
+
+
+def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """`items` without the elements of `subsequence`, which occur in `items` in this order."""
+    remaining = iter(subsequence)
+    current = next(remaining, None)
+    kept = []
+    for item in items:
+        if current is not None and item == current:
+            current = next(remaining, None)
+        else:
+            kept.append(item)
+    return kept
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

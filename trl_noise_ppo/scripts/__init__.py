@@ -1,0 +1,1 @@
+"""The scripts behind the `trl-noise-ppo` command: `train`, `evaluate` and `generate`."""

@@ -1,0 +1,91 @@
+"""
+Trains a noise generator for a frozen text-to-image pipeline with Noise PPO.
+
+Run it as `trl-noise-ppo train --config examples/sd_turbo_pickscore.yaml`, which launches this script through
+`accelerate launch` (arguments the script does not know, such as `--num_processes 4` or `--config_file
+examples/accelerate_configs/multi_gpu.yaml`, go to accelerate), or directly as
+`accelerate launch -m trl_noise_ppo.scripts.train --config ...`.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from trl import TrlParser
+
+from ..noise_ppo_config import NoisePPOConfig
+from ..noise_ppo_trainer import NoisePPOTrainer
+from .utils import ModelArguments, PromptArguments, check_local_path, load_pipeline, load_prompt_dataset, reward_funcs_from_names
+
+
+@dataclass
+class TrainArguments:
+    """
+    What `train` needs besides the pipeline, the prompts and the [`NoisePPOConfig`].
+
+    Args:
+        reward_funcs (`list[str]` or `None`, *optional*, defaults to `None`):
+            Rewards to maximise: built-in names (`trl_noise_ppo.rewards.REWARDS`: `pickscore`, `hpsv2.1`,
+            `aesthetic`, ...) or import paths of functions (`my_rewards.brightness`). Weigh them with
+            `reward_weights`.
+        noise_generator_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            A trained noise generator (Hub id or folder, or a LoRA adapter of one) to continue training instead of
+            starting from N(0, I).
+    """
+
+    reward_funcs: list[str] | None = field(
+        default=None, metadata={"help": "Built-in reward names (pickscore, hpsv2.1, aesthetic, ...) or module.function paths."}
+    )
+    noise_generator_name_or_path: str | None = field(
+        default=None, metadata={"help": "A trained noise generator to continue training."}
+    )
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return TrlParser((TrainArguments, NoisePPOConfig, ModelArguments, PromptArguments), prog=prog)
+
+
+def check_arguments(
+    train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments
+) -> tuple[list, Dataset]:
+    """Checks everything that can be checked before the pipeline loads; returns the reward functions and the prompt
+    dataset."""
+    if model_args.pipeline_name_or_path is None:
+        raise ValueError("No pipeline given: pass --pipeline_name_or_path (a Hub id or a local folder).")
+    check_local_path(model_args.pipeline_name_or_path, "The pipeline")
+    if train_args.noise_generator_name_or_path is not None:
+        check_local_path(train_args.noise_generator_name_or_path, "The noise generator")
+    reward_funcs = reward_funcs_from_names(train_args.reward_funcs)
+    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
+        raise ValueError(
+            f"{len(training_args.reward_weights)} reward_weights for {len(reward_funcs)} reward_funcs "
+            f"({train_args.reward_funcs}); give one weight per reward."
+        )
+    return reward_funcs, load_prompt_dataset(prompt_args)
+
+
+def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments):
+    reward_funcs, dataset = check_arguments(train_args, training_args, model_args, prompt_args)
+    pipeline = load_pipeline(model_args, training_args.device)
+    trainer = NoisePPOTrainer(
+        pipeline=pipeline,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=dataset,
+        noise_generator=train_args.noise_generator_name_or_path,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(
+        f"Trained on {trainer.accelerator.num_processes} process(es); noise generator saved to {training_args.output_dir}."
+    )
+    if training_args.push_to_hub:
+        # the model card names a Hub dataset; a local file means nothing to readers of the card
+        hub_dataset = None if os.path.exists(prompt_args.dataset_name) else prompt_args.dataset_name
+        trainer.push_to_hub(dataset_name=hub_dataset)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    trainer.end()
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config(fail_with_unknown_args=False))

@@ -1,0 +1,46 @@
+"""The shapes world: a text-to-image world small enough for a CPU.
+
+A procedural renderer of 32 x 32 scenes of coloured shapes with captions, a tiny Stable Diffusion pipeline trained
+on them (bundled, loads offline), a classifier-based reward for how well an image shows its prompt, and a fixed
+split of the prompts into those Noise PPO may train on and those held out. See docs/shapes_world.md.
+
+Example:
+    >>> from trl_noise_ppo.shapes import ShapesAlignmentReward, load_shapes_pipeline, training_prompts
+    >>> pipeline = load_shapes_pipeline()
+    >>> prompts = training_prompts()[:2]
+    >>> images = pipeline(prompts, num_inference_steps=1, output_type="pt").images  # (2, 3, 32, 32) in [0, 1]
+    >>> scores = ShapesAlignmentReward()(images=images, prompts=prompts)
+"""
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .render import held_out_prompts, parse_caption, render_example, training_prompts
+from .reward import REWARD_PATH, ShapesAlignmentReward, ShapesClassifier, alignment_rate
+
+
+SHAPES_PIPELINE_PATH = str(Path(__file__).parent / "weights" / "pipeline")
+
+
+def load_shapes_pipeline(
+    device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> StableDiffusionPipeline:
+    """The bundled shapes-world `StableDiffusionPipeline` (32 x 32 images, 4 x 8 x 8 latents), loaded offline."""
+    pipeline = StableDiffusionPipeline.from_pretrained(SHAPES_PIPELINE_PATH, dtype=dtype or torch.float32)
+    return pipeline.to(device) if device is not None else pipeline
+
+
+__all__ = [
+    "REWARD_PATH",
+    "SHAPES_PIPELINE_PATH",
+    "ShapesAlignmentReward",
+    "ShapesClassifier",
+    "alignment_rate",
+    "held_out_prompts",
+    "load_shapes_pipeline",
+    "parse_caption",
+    "render_example",
+    "training_prompts",
+]
