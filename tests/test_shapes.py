@@ -108,3 +108,32 @@ def test_reward_prefers_an_image_of_the_prompt(reward):
     assert (matching > mismatching).all()
     assert alignment_rate(images, captions, reward.classifier) > 0.9
     assert alignment_rate(mismatched_images, captions, reward.classifier) < 0.2
+
+
+def test_noise_ppo_raises_alignment_on_the_bundled_model(tmp_path):
+    """A short Noise PPO run at one step, the quickstart's setting, measured on the same prompts and eps before and
+    after: the paired gain must clear three standard errors."""
+    from datasets import Dataset
+
+    from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer
+
+    pipe = load_shapes_pipeline()
+    reward = ShapesAlignmentReward()
+    prompts = training_prompts()[::4]
+    args = NoisePPOConfig(
+        output_dir=str(tmp_path), num_inference_steps=1, num_generations=8, per_device_train_batch_size=64,
+        num_iterations=4, max_steps=4 * 20, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+    )
+    trainer = NoisePPOTrainer(pipe, reward, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}))
+    eps = torch.randn(2 * len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    evaluated = prompts * 2
+
+    def scores(generator):
+        images = NoisePPOPipeline(pipe, generator)(evaluated, latents=eps, num_inference_steps=1, output_type="pt").images
+        return torch.tensor(reward(images=images, prompts=evaluated))
+
+    before = scores(NoiseGenerator(trainer.model.config))
+    trainer.train()
+    gain = scores(trainer.model) - before
+    standard_error = gain.std() / len(gain) ** 0.5
+    assert gain.mean() > 3 * standard_error, (gain.mean().item(), standard_error.item())
