@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer  # noqa: E402
@@ -42,6 +42,18 @@ def image_grid(images: torch.Tensor, columns: int, scale: int = 4) -> Image.Imag
     rows = images.view(-1, columns, *images.shape[1:])  # (rows, columns, 3, H, W)
     grid = rows.permute(0, 3, 1, 4, 2).reshape(rows.shape[0] * images.shape[2], columns * images.shape[3], 3)
     return Image.fromarray((grid * 255).round().byte().numpy())
+
+
+def captioned(grid: Image.Image, prompts: list[str], row_height: int) -> Image.Image:
+    """Writes each prompt above its pair of rows (base, then Noise PPO)."""
+    caption_height = 14
+    out = Image.new("RGB", (grid.width, grid.height + caption_height * len(prompts)), "white")
+    draw = ImageDraw.Draw(out)
+    for i, prompt in enumerate(prompts):
+        top = i * (2 * row_height + caption_height)
+        draw.text((4, top + 1), f"{prompt}  (upper: base, lower: Noise PPO)", fill="black")
+        out.paste(grid.crop((0, 2 * i * row_height, grid.width, 2 * (i + 1) * row_height)), (0, top + caption_height))
+    return out
 
 
 def sample(pipeline: NoisePPOPipeline, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
@@ -80,7 +92,8 @@ def main(args: QuickstartArguments):
     after = NoisePPOPipeline(pipe, trainer.model)
     images_after = sample(after, grid_prompts, args.num_inference_steps, args.seed)
     pairs = torch.stack([images_before.view(8, 4, 3, 32, 32), images_after.view(8, 4, 3, 32, 32)], dim=1)
-    image_grid(pairs.reshape(-1, 3, 32, 32), columns=4).save(os.path.join(args.output_dir, "before_after.png"))
+    grid = image_grid(pairs.reshape(-1, 3, 32, 32), columns=4)
+    captioned(grid, shown, row_height=grid.height // 16).save(os.path.join(args.output_dir, "before_after.png"))
 
     history = [log for log in trainer.state.log_history if "reward" in log]
     plt.figure(figsize=(5, 3))
