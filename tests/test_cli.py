@@ -83,6 +83,22 @@ def test_train_on_two_processes(tmp_path, tiny_sd, prompt_file):
     assert "2506.12036" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_train_lora_adapters_on_a_trained_generator(tmp_path, tiny_sd, prompt_file):
+    from trl_noise_ppo.scripts import train
+
+    base = generator_for(tiny_sd, tmp_path / "base", perturbed=True)
+    args = train.make_parser().parse_args_and_config([
+        "--pipeline_name_or_path", str(tiny_sd), "--dataset_name", str(prompt_file), "--reward_funcs", "jpeg_compressibility",
+        "--noise_generator_name_or_path", str(base), "--use_peft", "True", "--lora_r", "4",
+        "--num_inference_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_steps", "2",
+        "--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "out"),
+    ])
+    train.main(*args)
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(base)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     "change, error, message",
     [

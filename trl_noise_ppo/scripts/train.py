@@ -31,6 +31,15 @@ class TrainArguments:
         noise_generator_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             A trained noise generator (Hub id or folder, or a LoRA adapter of one) to continue training instead of
             starting from N(0, I).
+        use_peft (`bool`, *optional*, defaults to `False`):
+            Train LoRA adapters on the generator (usually a trained one, `noise_generator_name_or_path`) instead of all
+            of it.
+        lora_r (`int`, *optional*, defaults to `8`):
+            LoRA rank.
+        lora_alpha (`int`, *optional*, defaults to `16`):
+            LoRA scaling numerator.
+        lora_target_modules (`list[str]`, *optional*, defaults to the `pooled_mlp` generator's layers):
+            Names of the generator's modules that get adapters.
     """
 
     reward_funcs: list[str] | None = field(
@@ -38,6 +47,13 @@ class TrainArguments:
     )
     noise_generator_name_or_path: str | None = field(
         default=None, metadata={"help": "A trained noise generator to continue training."}
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters on the generator instead of all of it."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["grid_encoder.mlp.1", "grid_encoder.mlp.3", "head"],
+        metadata={"help": "Generator modules that get adapters."},
     )
 
 
@@ -64,6 +80,14 @@ def check_arguments(
     return reward_funcs, load_prompt_dataset(prompt_args)
 
 
+def lora_config(train_args: TrainArguments):
+    if not train_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=train_args.lora_r, lora_alpha=train_args.lora_alpha, target_modules=train_args.lora_target_modules)
+
+
 def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments):
     reward_funcs, dataset = check_arguments(train_args, training_args, model_args, prompt_args)
     pipeline = load_pipeline(model_args, training_args.device)
@@ -73,6 +97,7 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
         args=training_args,
         train_dataset=dataset,
         noise_generator=train_args.noise_generator_name_or_path,
+        peft_config=lora_config(train_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
