@@ -64,6 +64,21 @@ def median_seconds(call, repeats: int) -> float:
     return statistics.median(times)
 
 
+def unet_step_seconds(size: str, prompt: dict, repeats: int) -> float:
+    """One UNet call at the size's resolution; the UNet is freed on return (SDXL's takes about 11 GB)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNETS[size]).eval()
+    resolution = UNETS[size]["sample_size"]
+    inputs = {
+        "sample": torch.randn(1, 4, resolution, resolution),
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": prompt["prompt_embeds"],
+    }
+    if "pooled_prompt_embeds" in prompt:
+        inputs["added_cond_kwargs"] = {"text_embeds": prompt["pooled_prompt_embeds"], "time_ids": torch.zeros(1, 6)}
+    return median_seconds(lambda: unet(**inputs), repeats)
+
+
 @torch.no_grad()
 def main(args: CostArguments):
     print(f"{torch.get_num_threads()} threads, float32, batch 1")
@@ -76,17 +91,7 @@ def main(args: CostArguments):
         if pooled_dim:
             prompt["pooled_prompt_embeds"] = torch.randn(1, pooled_dim)
 
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**UNETS[size]).eval()
-        unet_inputs = {
-            "sample": torch.randn(1, 4, resolution, resolution),
-            "timestep": torch.tensor([999]),
-            "encoder_hidden_states": prompt["prompt_embeds"],
-        }
-        if pooled_dim:
-            unet_inputs["added_cond_kwargs"] = {"text_embeds": prompt["pooled_prompt_embeds"], "time_ids": torch.zeros(1, 6)}
-        unet_seconds = median_seconds(lambda: unet(**unet_inputs), args.repeats)
-        del unet
+        unet_seconds = unet_step_seconds(size, prompt, args.repeats)
 
         for architecture in GRID_ENCODERS:
             generator = NoiseGenerator(

@@ -1113,7 +1113,7 @@ def build_lumina2() -> DiffusionPipeline:
     """Lumina2Pipeline. Its prompt is prefixed with a system prompt (165 byte tokens) and
     truncated at max_sequence_length=256 tokens; with this byte-level tokenizer, prompts longer
     than about 90 bytes are cut (pass a larger max_sequence_length, <= 512, for long prompts)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(0)

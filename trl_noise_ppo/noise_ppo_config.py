@@ -79,8 +79,9 @@ class NoisePPOConfig(_BaseConfig):
             Images per process per micro-step.
         logging_steps (`float`, *optional*, defaults to `1`):
             Log every this many optimiser steps.
-        gradient_checkpointing (`bool`, *optional*, defaults to `False`):
-            The generator is small; checkpointing it would only cost time.
+        activation_checkpointing (`bool`, *optional*, defaults to `False`):
+            The generator is small; checkpointing it would only cost time. (Also the value of the deprecated
+            `gradient_checkpointing`.)
         bf16 (`bool`, *optional*, defaults to `False`):
             The generator trains in float32; the frozen pipeline keeps the dtype it was loaded in.
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
@@ -138,7 +139,7 @@ class NoisePPOConfig(_BaseConfig):
     learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate for AdamW."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Images per process per micro-step."})
     logging_steps: float = field(default=1, metadata={"help": "Log every X optimiser steps."})
-    gradient_checkpointing: bool = field(
+    activation_checkpointing: bool | None = field(
         default=False, metadata={"help": "The generator is small; checkpointing it would only cost time."}
     )
     bf16: bool | None = field(default=False, metadata={"help": "The generator trains in float32."})
