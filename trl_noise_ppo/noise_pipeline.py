@@ -162,7 +162,6 @@ class NoisePPOPipeline:
             self._noise_specs[spec_key] = spec
         spec = self._noise_specs[spec_key]
 
-        conditioning = generator_inputs(embeds)
         batch_size = len(next(iter(embeds.values()))) * num_images_per_prompt
         if latents is None:
             latents = randn_tensor((batch_size, *spec.shape), generator=generator, device=spec.device, dtype=spec.dtype)
@@ -172,7 +171,9 @@ class NoisePPOPipeline:
                 f"{[batch_size, *spec.shape]}."
             )
         generator_device = next(self.noise_generator.parameters()).device
-        conditioning = {name: None if value is None else value.to(generator_device) for name, value in conditioning.items()}
+        conditioning = {
+            name: None if value is None else value.to(generator_device) for name, value in generator_inputs(embeds).items()
+        }
         mu, log_sigma = self.noise_generator(**conditioning)
         mu = mu.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
         log_sigma = log_sigma.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
