@@ -74,7 +74,7 @@ def test_train_on_two_processes(tmp_path, tiny_sd, prompt_file):
         # --multi_gpu with use_cpu makes the two processes join over gloo on a machine without GPUs
         [sys.executable, "-m", "trl_noise_ppo.cli", "train", "--config", str(config), "--multi_gpu", "--use_cpu", "True",
          "--dtype", "float32", "--output_dir", str(tmp_path / "out")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Trained on 2 process(es)" in result.stdout

@@ -109,6 +109,9 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
         hub_dataset = None if os.path.exists(prompt_args.dataset_name) else prompt_args.dataset_name
         trainer.push_to_hub(dataset_name=hub_dataset)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    # every process must be done with the group (the main one writes the model card) before any destroys it: a rank
+    # tearing down gloo while its peer still saves was seen to hang the peer forever
+    trainer.accelerator.wait_for_everyone()
     trainer.end()
 
 
