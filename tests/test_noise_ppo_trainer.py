@@ -267,6 +267,8 @@ def test_two_processes_end_with_identical_generators(tmp_path):
         rank = trainer.accelerator.process_index
         torch.save(trainer.model.state_dict(), {str(tmp_path)!r} + f"/rank{{rank}}.pt")
         trainer.save_model()
+        trainer.accelerator.wait_for_everyone()
+        trainer.end()
     """))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(
