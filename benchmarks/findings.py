@@ -5,15 +5,14 @@ For each number of inference steps, a generator is trained on the shapes world's
 reward, then the base model, Noise PPO and the base model's best-of-4 (four seeds, the best by the same reward: the
 inference-time alternative) are scored on the training prompts and on the held-out prompts (colour-shape-position
 combinations never trained on). Base and Noise PPO images share their `eps`, so their difference is paired; intervals
-are 95% normal intervals over images: mean +/- 1.96 * std / sqrt(n). Writes `findings.json`, `findings.md` and
-`findings.png` to `--output_dir`.
+are 95% normal intervals over images, as `trl-noise-ppo evaluate` computes them: mean +/- 1.96 * std / sqrt(n).
+Writes `findings.json`, `findings.md` and `findings.png` to `--output_dir`.
 
     python -m benchmarks.findings --output_dir outputs/findings                       # the docs' table
     python -m benchmarks.findings --architectures pooled_mlp token_attention --steps 1  # the architecture comparison
 """
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
+from trl_noise_ppo.scripts.evaluate import interval as evaluate_interval  # noqa: E402
 from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer  # noqa: E402
 from trl_noise_ppo.shapes import (  # noqa: E402
     ShapesAlignmentReward,
@@ -51,8 +51,10 @@ class FindingsArguments:
 
 
 def interval(values: torch.Tensor) -> dict:
-    half_width = 1.96 * values.std().item() / math.sqrt(len(values))
-    return {"mean": values.mean().item(), "ci95": half_width}
+    """The mean and the half-width of its 95% interval, as `trl-noise-ppo evaluate` computes them."""
+    stats = evaluate_interval(values.tolist())
+    low, high = stats["ci95"]
+    return {"mean": stats["mean"], "ci95": (high - low) / 2}
 
 
 def fmt(stat: dict) -> str:
