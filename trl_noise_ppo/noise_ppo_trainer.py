@@ -2,9 +2,11 @@ import math
 import os
 import shutil
 import textwrap
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from .noise_injection import (
     prompt_conditioning,
 )
 from .noise_ppo_config import NoisePPOConfig
-from .rewards import call_reward_funcs, resolve_reward_funcs
+from .rewards import call_reward_funcs, resolve_reward_funcs, runs_concurrently
 
 
 ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
@@ -122,7 +124,8 @@ class NoisePPOTrainer(_BaseTrainer):
             Reward functions, called as `func(images=..., prompts=..., trainer_state=..., **columns)` with `images` a
             float tensor `(N, 3, H, W)` in `[0, 1]`, `prompts` a list of `N` strings and every other dataset column as
             a list. Each returns `N` floats, or `None` for a sample it does not score. Strings name built-in rewards
-            (see `trl_noise_ppo.rewards`). `async def` functions run concurrently.
+            (see `trl_noise_ppo.rewards`). `async def` functions run concurrently; those, `HTTPReward` and rewards on
+            another device score each chunk of images while the next is sampled (`args.score_while_sampling`).
         args ([`NoisePPOConfig`], *optional*):
             Configuration. Defaults to `NoisePPOConfig("<pipeline class>-NoisePPO")`.
         train_dataset ([`~datasets.Dataset`]):
@@ -256,6 +259,7 @@ class NoisePPOTrainer(_BaseTrainer):
         for reward_func in self.reward_funcs:
             if getattr(reward_func, "device", False) is None:
                 reward_func.device = self.accelerator.device
+        self.concurrent_rewards = [runs_concurrently(func, self.accelerator.device) for func in self.reward_funcs]
         self._metrics = defaultdict(list)
         self._buffered_inputs = None
         self._staging_dir = None  # while a checkpoint is being written: the folder it goes to first
@@ -339,24 +343,49 @@ class NoisePPOTrainer(_BaseTrainer):
         noise = mu + torch.exp(log_sigma) * eps
         old_log_density = gaussian_log_density(noise, mu, log_sigma)
 
-        # The frozen pipeline turns each noise into an image; stochastic schedulers draw from a seeded generator
-        images = []
+        # The frozen pipeline turns each noise into an image, sample_batch_size at a time; stochastic schedulers draw from
+        # a seeded generator. Rewards that can run concurrently (async, served, on another device) score each chunk
+        # while the next one samples; the others would compete with sampling, and score the whole batch after it.
+        columns = {name: [example[name] for example in batch] for name in batch[0] if name != "prompt"}
+        concurrent = [i for i, runs_concurrently in enumerate(self.concurrent_rewards) if runs_concurrently]
+        after_sampling = [i for i, runs_concurrently in enumerate(self.concurrent_rewards) if not runs_concurrently]
+        score_seconds = []
+
+        def score(func_indices: list[int], images: torch.Tensor, rows: slice) -> torch.Tensor:
+            score_start = time.perf_counter()
+            with torch.no_grad():  # grad mode is per thread
+                funcs = [self.reward_funcs[i] for i in func_indices]
+                rewards = call_reward_funcs(funcs, images=images, prompts=prompts[rows],
+                                            trainer_state=self.state, **{name: values[rows] for name, values in columns.items()})
+            score_seconds.append(time.perf_counter() - score_start)
+            return rewards
+
+        images, chunk_rewards, sample_seconds = [], [], 0.0
         images_per_call = self.args.sample_batch_size or len(prompts)
-        for start in range(0, len(prompts), images_per_call):
-            call = slice(start, start + images_per_call)
-            output = self.pipeline(
-                **self._pipeline_kwargs(self.args, {name: value[call] for name, value in sample_embeds.items()}),
-                latents=noise[call].to(self.noise_dtype),
-                generator=self._rollout_generator(salt=2 + start),
-            )
-            images.append(images_in_unit_range(self.pipeline, output.images.float()))
-        images = torch.cat(images)
+        rollout_start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1) if self.args.score_while_sampling else _ImmediateExecutor() as scorer:
+            for start in range(0, len(prompts), images_per_call):
+                call = slice(start, start + images_per_call)
+                sample_start = time.perf_counter()
+                output = self.pipeline(
+                    **self._pipeline_kwargs(self.args, {name: value[call] for name, value in sample_embeds.items()}),
+                    latents=noise[call].to(self.noise_dtype),
+                    generator=self._rollout_generator(salt=2 + start),
+                )
+                images.append(images_in_unit_range(self.pipeline, output.images.float()))
+                sample_seconds += time.perf_counter() - sample_start
+                chunk_rewards.append(scorer.submit(score, concurrent, images[-1], call))
+            images = torch.cat(images)
+            rewards_per_func = torch.empty(len(prompts), len(self.reward_funcs), device=images.device)
+            rewards_per_func[:, after_sampling] = score(after_sampling, images, slice(None))
+            rewards_per_func[:, concurrent] = torch.cat([chunk.result() for chunk in chunk_rewards])
+        # where the time went: wait is the part of scoring that sampling did not hide
+        self._metrics["timing/sample"].append(sample_seconds)
+        self._metrics["timing/score"].append(sum(score_seconds))
+        self._metrics["timing/wait"].append(time.perf_counter() - rollout_start - sample_seconds)
 
         # r = sum_i w_i r_i(image, prompt); a sample no function scored gets NaN and no advantage
-        columns = {name: [example[name] for example in batch] for name in batch[0] if name != "prompt"}
-        rewards_per_func = call_reward_funcs(
-            self.reward_funcs, images=images, prompts=prompts, trainer_state=self.state, **columns
-        ).to(device)
+        rewards_per_func = rewards_per_func.to(device)
         weights = self.reward_weights.to(device)
         rewards = (rewards_per_func * weights).nansum(dim=1)
         if not rewards.isfinite().all():  # each reward fits float32; weighted and summed they may not
@@ -559,6 +588,15 @@ class _FiniteGeneratorGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         _raise_if_not_finite(model, "weights", state.global_step)
+
+
+class _ImmediateExecutor(Executor):
+    """Runs each task as it is submitted, in the calling thread: scoring without overlap."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
 
 
 def _nanstd(values: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ See docs/rewards.md for each reward's scale, weights and licence.
 """
 
 from .base import ModelReward
-from .calling import call_reward_funcs
+from .calling import call_reward_funcs, runs_concurrently
 from .clip import AestheticReward, CLIPReward, CLIPScoreReward, PickScoreReward
 from .hps import HPSv2Reward
 from .imagereward import ImageReward
@@ -31,4 +31,5 @@ __all__ = [
     "call_reward_funcs",
     "create_reward",
     "resolve_reward_funcs",
+    "runs_concurrently",
 ]
