@@ -310,6 +310,16 @@ def test_concurrent_rewards_score_each_chunk_while_the_next_samples(tmp_path, mo
         assert len(trainer._metrics[name]) == 1 and trainer._metrics[name][0] > 0, name
 
 
+def test_a_concurrent_reward_error_reaches_the_training_loop(tmp_path):
+    async def short(images, **kwargs):
+        return [0.0]
+
+    args = make_config(tmp_path, max_steps=1, sample_batch_size=4)
+    trainer = NoisePPOTrainer(build_pipeline("sd"), short, args=args, train_dataset=PROMPTS)
+    with pytest.raises(ValueError, match="'short' returned 1 rewards for 4 images"):
+        trainer.train()
+
+
 def test_scoring_while_sampling_changes_nothing_but_time(tmp_path, monkeypatch):
     """On the shapes pipeline, with a plain reward and a served one: rewards, advantages and trained weights are bit
     for bit those of scoring each chunk after it is sampled, and of scoring the whole batch after sampling (today's
