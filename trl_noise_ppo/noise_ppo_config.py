@@ -42,7 +42,8 @@ class NoisePPOConfig(_BaseConfig):
             Whether the rewards that can run concurrently (`async def` functions, `HTTPReward`, rewards on another
             device; see `trl_noise_ppo.rewards.runs_concurrently`) score each chunk of `sample_batch_size` images
             while the pipeline samples the next. Rewards, advantages and weights are the same either way; `False`
-            scores each chunk before the next is sampled. Other rewards always score the whole batch after sampling.
+            scores the chunks after the whole batch is sampled, in the training thread. Other rewards always score the
+            whole batch after sampling.
 
         > Parameters that control the PPO update
 

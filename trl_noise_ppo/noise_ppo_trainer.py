@@ -363,7 +363,7 @@ class NoisePPOTrainer(_BaseTrainer):
         images, chunk_rewards, sample_seconds = [], [], 0.0
         images_per_call = self.args.sample_batch_size or len(prompts)
         rollout_start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) if self.args.score_while_sampling else _ImmediateExecutor() as scorer:
+        with ThreadPoolExecutor(max_workers=1) if self.args.score_while_sampling else _ScoreAfterSampling() as scorer:
             for start in range(0, len(prompts), images_per_call):
                 call = slice(start, start + images_per_call)
                 sample_start = time.perf_counter()
@@ -376,9 +376,10 @@ class NoisePPOTrainer(_BaseTrainer):
                 sample_seconds += time.perf_counter() - sample_start
                 chunk_rewards.append(scorer.submit(score, concurrent, images[-1], call))
             images = torch.cat(images)
-            rewards_per_func = torch.empty(len(prompts), len(self.reward_funcs), device=images.device)
-            rewards_per_func[:, after_sampling] = score(after_sampling, images, slice(None))
-            rewards_per_func[:, concurrent] = torch.cat([chunk.result() for chunk in chunk_rewards])
+            rewards_after_sampling = score(after_sampling, images, slice(None))
+        rewards_per_func = torch.empty(len(prompts), len(self.reward_funcs), device=images.device)
+        rewards_per_func[:, after_sampling] = rewards_after_sampling
+        rewards_per_func[:, concurrent] = torch.cat([chunk.result() for chunk in chunk_rewards])
         # where the time went: wait is the part of scoring that sampling did not hide
         self._metrics["timing/sample"].append(sample_seconds)
         self._metrics["timing/score"].append(sum(score_seconds))
@@ -590,13 +591,22 @@ class _FiniteGeneratorGuard(TrainerCallback):
         _raise_if_not_finite(model, "weights", state.global_step)
 
 
-class _ImmediateExecutor(Executor):
-    """Runs each task as it is submitted, in the calling thread: scoring without overlap."""
+class _ScoreAfterSampling(Executor):
+    """Keeps the scoring tasks submitted to it, and runs them in order, in the calling thread, when the `with` block
+    that sampled ends without error: scoring after sampling, as without overlap."""
+
+    def __init__(self):
+        self._tasks = []
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
-        future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
+        self._tasks.append((Future(), fn, args, kwargs))
+        return self._tasks[-1][0]
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is None:  # a failed sampling is not scored
+            for future, fn, args, kwargs in self._tasks:
+                future.set_result(fn(*args, **kwargs))
+        return False
 
 
 def _nanstd(values: torch.Tensor) -> float:
