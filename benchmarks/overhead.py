@@ -47,7 +47,7 @@ class BenchmarkArguments:
     inference_repeats: int = 5
     threads: int = 2
     case: str = field(default="all", metadata={"choices": ["all", "training", "served"]})
-    served_image_size: int = 64
+    served_image_size: int = 32
     served_prompts: int = 10
     served_cycles: int = 6
     scoring_share: float = 0.5

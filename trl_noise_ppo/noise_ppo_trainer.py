@@ -345,10 +345,11 @@ class NoisePPOTrainer(_BaseTrainer):
 
         # The frozen pipeline turns each noise into an image, sample_batch_size at a time; stochastic schedulers draw from
         # a seeded generator. Rewards that can run concurrently (async, served, on another device) score each chunk
-        # while the next one samples; the others would compete with sampling, and score the whole batch after it.
+        # while the next one samples (unless score_while_sampling is off); the others would compete with sampling, and
+        # score the whole batch after it.
         columns = {name: [example[name] for example in batch] for name in batch[0] if name != "prompt"}
-        concurrent = [i for i, runs_concurrently in enumerate(self.concurrent_rewards) if runs_concurrently]
-        after_sampling = [i for i, runs_concurrently in enumerate(self.concurrent_rewards) if not runs_concurrently]
+        concurrent = [i for i, is_concurrent in enumerate(self.concurrent_rewards) if is_concurrent]
+        after_sampling = [i for i, is_concurrent in enumerate(self.concurrent_rewards) if not is_concurrent]
         score_seconds = []
 
         def score(func_indices: list[int], images: torch.Tensor, rows: slice) -> torch.Tensor:
