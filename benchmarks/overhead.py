@@ -9,7 +9,9 @@
    that scoring costs `scoring_share` (about half) of sampling. Generation cycles alternate between scoring each chunk
    of `num_generations` images while the next samples (`score_while_sampling=True`) and scoring it before the next
    (`False`); after each cycle the bare pipeline samples the same images in the same chunks, then the reward scores
-   them. Each path's cycle time is reported against sampling alone and against sampling plus scoring.
+   them. Each path's cycle time is reported against sampling alone and against sampling plus scoring, as the median
+   over cycles of the ratio to the bare cycle that follows it, so that a machine whose load drifts weighs alike on
+   both sides of each ratio.
 
 The pipeline is a Stable Diffusion pipeline built locally with random weights, large enough that one call takes
 seconds on a CPU (sizes below); no download. Run from the repository root, on an otherwise idle machine:
@@ -19,6 +21,7 @@ seconds on a CPU (sizes below); no download. Run from the repository root, on an
 """
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -209,8 +212,7 @@ class AlternatingPathsAndBareCycles(TrainerCallback):
 
     def __init__(self, pipe, prompts, reward, args: BenchmarkArguments):
         self.pipe, self.prompts, self.reward, self.args = pipe, prompts, reward, args
-        self.cycle_times = {True: [], False: []}
-        self.sample_times, self.score_times = [], []
+        self.cycles = []  # (overlapped, cycle seconds, bare sampling seconds, bare scoring seconds)
         self._cycle_start = self._overlapped = None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -221,15 +223,15 @@ class AlternatingPathsAndBareCycles(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.args.num_iterations != 0:
             return
-        self.cycle_times[self._overlapped].append(time.perf_counter() - self._cycle_start)
+        cycle = time.perf_counter() - self._cycle_start
         start = time.perf_counter()
         chunks = [self.pipe([prompt], num_images_per_prompt=self.args.num_generations, output_type="pt",
                             num_inference_steps=self.args.num_inference_steps).images for prompt in self.prompts]
-        self.sample_times.append(time.perf_counter() - start)
+        sampling = time.perf_counter() - start
         start = time.perf_counter()
         for prompt, images in zip(self.prompts, chunks, strict=True):
             self.reward(images=images, prompts=[prompt] * len(images))
-        self.score_times.append(time.perf_counter() - start)
+        self.cycles.append((self._overlapped, cycle, sampling, time.perf_counter() - start))
 
 
 def served_reward(args: BenchmarkArguments):
@@ -246,7 +248,7 @@ def served_reward(args: BenchmarkArguments):
     images_per_cycle = args.served_prompts * args.num_generations
     print(f"served reward: {args.served_image_size} px, {images_per_cycle} images per cycle in chunks of "
           f"{args.num_generations}; the server takes {1000 * seconds_per_image:.1f} ms per image "
-          f"({args.scoring_share} x the sampling time measured before the run)")
+          f"({args.scoring_share} x the sampling time measured before the run); load average {os.getloadavg()[0]:.1f}")
 
     config = NoisePPOConfig(
         output_dir="/tmp/noise-ppo-overhead", num_inference_steps=args.num_inference_steps,
@@ -261,15 +263,19 @@ def served_reward(args: BenchmarkArguments):
         trainer = NoisePPOTrainer(pipe, reward, args=config, train_dataset=Dataset.from_dict({"prompt": prompts}),
                                   callbacks=[paths])
         trainer.train()
-    # the first cycle of each path warms it up
-    overlapped, sequential = (statistics.median(paths.cycle_times[path][1:]) for path in (True, False))
-    sampling = statistics.median(paths.sample_times[2:])
-    sampling_and_scoring = statistics.median(s + r for s, r in zip(paths.sample_times[2:], paths.score_times[2:]))
-    print(f"bare: sampling {sampling:.3f} s, sampling then scoring {sampling_and_scoring:.3f} s (scoring / sampling "
-          f"{sampling_and_scoring / sampling - 1:.2f}); medians of {len(paths.sample_times) - 2} cycles")
-    for name, cycle in (("score_while_sampling=True ", overlapped), ("score_while_sampling=False", sequential)):
-        print(f"{name}: {cycle:.3f} s per generation cycle (1 sampling + {args.num_iterations} PPO updates): "
-              f"{cycle / sampling:.3f} x sampling alone, {cycle / sampling_and_scoring:.3f} x sampling then scoring")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 minute), {os.getloadavg()[1]:.1f} (5 minutes)")
+    cycles = paths.cycles[2:]  # the first cycle of each path warms it up
+    sampling = statistics.median(sample for _, _, sample, _ in cycles)
+    scoring = statistics.median(score for _, _, _, score in cycles)
+    print(f"bare: sampling {sampling:.3f} s, then scoring {scoring:.3f} s (scoring / sampling {scoring / sampling:.2f}); "
+          f"medians of {len(cycles)} cycles")
+    for overlapped in (True, False):
+        runs = [(cycle, sample, score) for path, cycle, sample, score in cycles if path == overlapped]
+        alone = statistics.median(cycle / sample for cycle, sample, _ in runs)
+        then_scoring = statistics.median(cycle / (sample + score) for cycle, sample, score in runs)
+        print(f"score_while_sampling={overlapped!s:5}: {statistics.median(cycle for cycle, _, _ in runs):.3f} s per "
+              f"generation cycle (1 sampling + {args.num_iterations} PPO updates): {alone:.3f} x sampling alone, "
+              f"{then_scoring:.3f} x sampling then scoring (medians of {len(runs)} paired ratios)")
     logged = [entry for entry in trainer.state.log_history if "timing/wait" in entry]
     for name, entries in (("True ", logged[2::2]), ("False", logged[3::2])):
         print(f"logged with score_while_sampling={name}: " + ", ".join(
