@@ -556,8 +556,8 @@ def med_bert_text_encoder(weights, input_ids, attention_mask, image_tokens, head
         return layer_norm(linear(out, f"{name}.output.dense") + x, f"{name}.output.LayerNorm")
 
     positions = torch.arange(input_ids.shape[1])
-    x = weights["embeddings.word_embeddings.weight"][input_ids] + weights["embeddings.position_embeddings.weight"][positions]
-    x = layer_norm(x, "embeddings.LayerNorm")
+    embeddings = weights["embeddings.word_embeddings.weight"][input_ids]
+    x = layer_norm(embeddings + weights["embeddings.position_embeddings.weight"][positions], "embeddings.LayerNorm")
     text_mask, image_mask = attention_mask.float(), torch.ones(image_tokens.shape[:2])
     layer = 0
     while f"encoder.layer.{layer}.attention.self.query.weight" in weights:

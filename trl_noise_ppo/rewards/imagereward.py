@@ -110,10 +110,9 @@ class ImageReward(ModelReward):
     """ImageReward (Xu et al. 2023): a BLIP-based model of human preference for text-to-image generations.
 
     Reproduces the reference `ImageReward.score`: images resized (bicubic, shorter side) to 224, centre-cropped
-    (torchvision's `CenterCrop`, which rounds the offset),
-    normalised with CLIP's mean and std; prompts tokenised by bert-base-uncased, padded and truncated to 35
-    tokens; the BERT encoder cross-attends to the image tokens; the MLP reads its first token; the output is
-    z-scored with ImageReward's mean 0.16717 and std 1.03334.
+    as torchvision's `CenterCrop` does (rounding the offset), normalised with CLIP's mean and std; prompts
+    tokenised by bert-base-uncased, padded and truncated to 35 tokens; the BERT encoder cross-attends to the image
+    tokens; the MLP reads its first token; the output is z-scored with ImageReward's mean 0.16717 and std 1.03334.
 
     Scale: z-scored, mostly in [-2, 2], higher is better.
 
@@ -170,7 +169,9 @@ class ImageReward(ModelReward):
 
     def _score(self, images, prompts):
         image_size = self.vision_model.config.image_size
-        images = resize_shortest_side_and_center_crop(images, image_size, image_size, image_size, round_crop_offset=True)
+        images = resize_shortest_side_and_center_crop(
+            images, image_size, image_size, image_size, round_crop_offset=True
+        )
         pixel_values = normalize(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD).to(self.dtype)
         image_tokens = self.vision_model(pixel_values=pixel_values).last_hidden_state
         text = self.tokenizer(

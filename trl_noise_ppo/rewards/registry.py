@@ -11,7 +11,12 @@ REWARDS: dict[str, tuple[str, str, dict]] = {
     "clipscore_hessel": (
         "trl_noise_ppo.rewards.clip",
         "CLIPScoreReward",
-        {"model_id": "openai/clip-vit-base-patch32", "weight": 2.5, "prefix": "A photo depicts ", "name": "clipscore_hessel"},
+        {
+            "model_id": "openai/clip-vit-base-patch32",
+            "weight": 2.5,
+            "prefix": "A photo depicts ",
+            "name": "clipscore_hessel",
+        },
     ),
     "pickscore": ("trl_noise_ppo.rewards.clip", "PickScoreReward", {}),
     "hpsv2": ("trl_noise_ppo.rewards.hps", "HPSv2Reward", {}),
