@@ -702,7 +702,7 @@ def test_jpeg_rewards_prefer_flat_or_busy_images():
 
 class ScriptedRewardServer:
     """A reward server on 127.0.0.1 that answers each POST by a script: "fail" (HTTP 500), "hang" (answers after
-    0.5 s), or "ok" (each image's mean brightness plus its prompt's length). After the script, it answers "ok"."""
+    0.5 s), "short" (an answer shorter than its Content-Length), "trickle" (40 bytes, one per 0.1 s), or "ok" (each image's mean brightness plus its prompt's length). After the script, it answers "ok"."""
 
     def __init__(self, script):
         self.script, self.requests = list(script), []
@@ -718,6 +718,25 @@ class ScriptedRewardServer:
                     return
                 if action == "hang":
                     time.sleep(0.5)
+                if action == "short":  # promises more bytes than it sends, then closes
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"rewards": [')
+                    self.close_connection = True
+                    return
+                if action == "trickle":  # a byte every 0.1 s: each read is quick, the whole answer is not
+                    self.send_response(200)
+                    self.send_header("Content-Length", "40")
+                    self.end_headers()
+                    for _ in range(40):
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except (BrokenPipeError, ConnectionResetError):
+                            return
+                        time.sleep(0.1)
+                    return
                 rewards = [
                     np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.float64).mean() / 255 + len(p)
                     for png, p in zip(payload["images"], payload["prompts"], strict=True)
@@ -777,6 +796,27 @@ def test_http_reward_gives_up_after_timeouts(loopback_without_proxy):
     assert len(server.requests) == 2
 
 
+def test_http_reward_timeout_bounds_the_whole_request(loopback_without_proxy):
+    with ScriptedRewardServer(["trickle", "trickle"]) as server:
+        reward = HTTPReward(server.url, timeout=0.5, retries=1, backoff=0.01)
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match="2 requests .* failed; the last with TimeoutError"):
+            reward(images=smooth_images(1, 16, 16), prompts=["a"])
+        assert time.perf_counter() - start < 1.5  # two requests of 0.5 s; the trickle alone takes 4 s each
+
+
+def test_http_reward_retries_an_answer_cut_short(loopback_without_proxy):
+    with ScriptedRewardServer(["short"]) as server:
+        rewards = HTTPReward(server.url, timeout=5, retries=1, backoff=0.01)(images=smooth_images(1, 16, 16), prompts=["a"])
+    assert len(server.requests) == 2 and len(rewards) == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(retries=-1), dict(batch_size=0), dict(timeout=0)])
+def test_http_reward_refuses_impossible_settings(kwargs):
+    with pytest.raises(ValueError, match="HTTPReward needs batch_size >= 1, retries >= 0, timeout > 0"):
+        HTTPReward("http://127.0.0.1:1/score", **kwargs)
+
+
 # ---------------------------------------------------------------- calling reward functions
 
 
@@ -817,6 +857,10 @@ def test_async_rewards_run_concurrently_and_columns_keep_order():
         ([1.0, float("nan")], "returned nan for image 1"),
         ([float("inf"), 1.0], "returned inf for image 0"),
         (1.0, "returned float, not a list"),
+        ([1e300, 1.0], r"returned 1e\+300 for image 0 \(prompt 'a'\), beyond float32's range"),
+        ({0: 1.0, 1: 2.0}, "returned dict, not a list"),
+        (["0.5", "0.7"], "returned '0.5' for image 0, not a number"),
+        (torch.zeros(2, 3), r"returned a tensor of shape \(2, 3\), not one reward per image"),
     ],
 )
 def test_call_reward_funcs_rejects_bad_outputs_naming_the_function(output, message):
