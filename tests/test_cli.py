@@ -199,6 +199,19 @@ def test_evaluate_pairs_images_by_seed(tmp_path, tiny_sd):
     assert len(set(report["results"][0]["base_rewards"])) == 6  # and every image has its own seed
 
 
+def test_evaluate_names_missing_reward_weights_before_loading_anything(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from trl_noise_ppo.rewards import MissingWeightsError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    # The generator folder does not exist either: the reward check has to come first to be the error raised.
+    with pytest.raises(MissingWeightsError, match=r"(?s)hf download xswu/HPSv2 .*hf download THUDM/ImageReward "):
+        main(["evaluate", "--noise_generator", str(tmp_path / "absent-generator"), "--reward_funcs", "hpsv2",
+              "imagereward", "--prompts", "a red circle", "--output_dir", str(tmp_path / "eval")])
+
+
 def test_interval_leaves_out_unscored_images():
     stats = interval([1.0, float("nan"), 3.0])
     assert stats["n"] == 2 and stats["mean"] == 2.0

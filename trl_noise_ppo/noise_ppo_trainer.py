@@ -32,7 +32,7 @@ from .noise_injection import (
     prompt_conditioning,
 )
 from .noise_ppo_config import NoisePPOConfig
-from .rewards import call_reward_funcs, resolve_reward_funcs
+from .rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 
 
 ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
@@ -202,6 +202,7 @@ class NoisePPOTrainer(_BaseTrainer):
                 "run. Add prompts or lower per_device_train_batch_size."
             )
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        check_reward_files(self.reward_funcs)  # every missing weight file named at once, before any sampling
         self.reward_func_names = [get_callable_name(func) for func in self.reward_funcs]
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
