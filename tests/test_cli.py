@@ -268,3 +268,15 @@ def test_reward_names_resolve_without_loading_models():
     assert reward_funcs_from_names(["pickscore", "hpsv2.1", "tests.test_cli.brightness"]) == ["pickscore", "hpsv2.1", brightness]
     with pytest.raises(ValueError, match="No reward given"):
         reward_funcs_from_names([])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompts", "a", "--num_images_per_prompt", "0"], r"--num_images_per_prompt \(got 0\)"),
+        (["evaluate", "--prompts", "a", "--reward_funcs", "jpeg_compressibility", "--num_inference_steps", "0"], r"--num_inference_steps \(got \[0\]\)"),
+    ],
+)
+def test_evaluate_and_generate_refuse_zero_counts_as_one_line(argv, message, capsys):
+    assert main([*argv, "--noise_generator", "missing"]) == 2
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])

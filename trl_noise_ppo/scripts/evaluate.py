@@ -86,6 +86,13 @@ class EvaluateArguments:
     output_dir: str = field(default="noise_ppo_evaluation", metadata={"help": "Where the results are written."})
     device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
 
+    def __post_init__(self):
+        if min(self.num_inference_steps, default=0) < 1 or self.num_images_per_prompt < 1:
+            raise ValueError(
+                f"--num_inference_steps (got {self.num_inference_steps}) takes step counts of at least 1 and "
+                f"--num_images_per_prompt (got {self.num_images_per_prompt}) must be at least 1."
+            )
+
 
 def make_parser(prog: str | None = None) -> TrlParser:
     return TrlParser((EvaluateArguments, ModelArguments, PromptArguments), prog=prog)

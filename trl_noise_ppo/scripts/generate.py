@@ -62,6 +62,13 @@ class GenerateArguments:
     output_dir: str = field(default="noise_ppo_images", metadata={"help": "Where the images are written."})
     device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
 
+    def __post_init__(self):
+        if self.num_images_per_prompt < 1 or (self.num_inference_steps is not None and self.num_inference_steps < 1):
+            raise ValueError(
+                f"--num_images_per_prompt (got {self.num_images_per_prompt}) and --num_inference_steps (got "
+                f"{self.num_inference_steps}) must be at least 1."
+            )
+
 
 def make_parser(prog: str | None = None) -> TrlParser:
     return TrlParser((GenerateArguments, ModelArguments, PromptArguments), prog=prog)
