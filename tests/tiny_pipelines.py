@@ -1232,6 +1232,310 @@ def build_cogview4() -> DiffusionPipeline:
 
 
 # --------------------------------------------------------------------------------------------
+# Families added for issue 13: variants built from the components above, and families with
+# several text encoders, float masks or variable-length embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def _four_block_vae(latent_channels: int = 4, **kw):
+    """AutoencoderKL with VAE scale factor 8 (4 blocks of 4 channels)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        **kw,
+    )
+
+
+def build_pixart_alpha() -> DiffusionPipeline:
+    """PixArt-Alpha on PixArt-Sigma's components: binning ON, 64 x 64 generated at 256 x 256."""
+    from diffusers import PixArtAlphaPipeline
+
+    return _finish(PixArtAlphaPipeline(**build_pixart_sigma().components))
+
+
+def build_sd_pag() -> DiffusionPipeline:
+    from diffusers import StableDiffusionPAGPipeline
+
+    return _finish(StableDiffusionPAGPipeline(**_sd_components(), pag_applied_layers=["mid"]))
+
+
+def build_sdxl_pag() -> DiffusionPipeline:
+    from diffusers import StableDiffusionXLPAGPipeline
+
+    return _finish(StableDiffusionXLPAGPipeline(**build_sdxl().components, pag_applied_layers=["mid"]))
+
+
+def build_pixart_sigma_pag() -> DiffusionPipeline:
+    from diffusers import PixArtSigmaPAGPipeline
+
+    return _finish(PixArtSigmaPAGPipeline(**build_pixart_sigma().components, pag_applied_layers=["transformer_blocks.0"]))
+
+
+def build_flux_kontext() -> DiffusionPipeline:
+    """Flux Kontext on Flux's components; text-to-image without a reference image, or with one (``image=``)."""
+    from diffusers import FluxKontextPipeline
+
+    return _finish(FluxKontextPipeline(**build_flux().components), default_size=64)
+
+
+def build_controlnet_sd() -> DiffusionPipeline:
+    """SD 1.x with a ControlNet: needs its conditioning ``image=`` (64 x 64) on every call."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=32,
+        conditioning_embedding_out_channels=(16, 32),
+        norm_num_groups=2,
+    )
+    return _finish(StableDiffusionControlNetPipeline(**_sd_components(), controlnet=controlnet))
+
+
+def build_bria() -> DiffusionPipeline:
+    """Bria 3.2: T5 only, packed latents like Flux."""
+    from diffusers import BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.bria import BriaPipeline
+
+    torch.manual_seed(0)
+    transformer = BriaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=None,
+        axes_dims_rope=[0, 4, 4],
+    )
+    pipe = BriaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(latent_channels=4),
+        text_encoder=_t5_encoder(d_model=32),
+        tokenizer=_t5_tokenizer(),
+    )
+    return _finish(pipe, default_size=64)
+
+
+def build_chroma() -> DiffusionPipeline:
+    """Chroma: T5 only, packed latents, a FLOAT attention mask."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+        approximator_num_channels=16,
+    )
+    pipe = ChromaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(latent_channels=4),
+        text_encoder=_t5_encoder(d_model=32),
+        tokenizer=_t5_tokenizer(),
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _finish(pipe, default_size=64)
+
+
+def _bert_tokenizer_and_model(hidden_size: int = 32):
+    """A BERT WordPiece tokenizer over single characters (offline vocab file) and a tiny BertModel."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = tempfile.mkdtemp(prefix="tiny_bert_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    characters = [chr(c) for c in range(33, 127)]
+    with open(os.path.join(directory, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters]) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(directory, model_max_length=512)
+    torch.manual_seed(0)
+    model = BertModel(
+        BertConfig(vocab_size=128, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=37, max_position_embeddings=512),
+        add_pooling_layer=False,
+    )
+    return tokenizer, model
+
+
+def build_hunyuandit() -> DiffusionPipeline:
+    """HunyuanDiT: BERT + T5, each with its own embeddings and mask (``prompt_embeds_2``). Its
+    resolution binning maps 64 x 64 to 1024 x 1024: call it with ``use_resolution_binning=False``
+    (``PROMPT_CALL_KWARGS``)."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    torch.manual_seed(0)
+    transformer = HunyuanDiT2DModel(
+        sample_size=16,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        in_channels=4,
+        cross_attention_dim=32,
+        cross_attention_dim_t5=32,
+        pooled_projection_dim=16,
+        hidden_size=24,
+        activation_fn="gelu-approximate",
+    )
+    tokenizer, text_encoder = _bert_tokenizer_and_model(hidden_size=32)
+    pipe = HunyuanDiTPipeline(
+        transformer=transformer,
+        vae=_four_block_vae(),
+        scheduler=DDPMScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(d_model=32),
+        tokenizer_2=_t5_tokenizer(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+def build_hidream() -> DiffusionPipeline:
+    """HiDream-I1: CLIP x 2 (pooled), T5 and Llama-3 (per-layer states: (layers, batch, tokens, dim)).
+    It rescales every request to the area of ``default_sample_size`` (set here to 64 px)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=[32, 16],
+        text_emb_dim=64,
+        num_routed_experts=4,
+        num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(32, 32),
+        llama_layers=(0, 1),
+    )
+    clip_config = _clip_text_config(max_position_embeddings=128)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(0)
+    text_encoder_4 = LlamaForCausalLM(
+        LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    )
+    llama_tokenizer = _byte_bpe_tokenizer(["<pad>", "<s>", "</s>"], bos="<s>", eos="</s>", pad="<pad>",
+                                          prepend=("<s>",), model_max_length=128)
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_four_block_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=_t5_encoder(d_model=32),
+        tokenizer_3=_t5_tokenizer(),
+        text_encoder_4=text_encoder_4,
+        tokenizer_4=llama_tokenizer,
+        transformer=transformer,
+    )
+    return _finish(pipe, default_size=64)  # it rescales every request to the area of its default size
+
+
+def build_zimage() -> DiffusionPipeline:
+    """Z-Image: Qwen-3; ``encode_prompt`` returns a LIST of variable-length embeddings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # created with torch.empty: fixed so that outputs are deterministic
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(
+        Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, vocab_size=300, max_position_embeddings=512)
+    )
+    pipe = ZImagePipeline(
+        transformer=transformer,
+        vae=_zimage_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=_qwen_tokenizer(),
+    )
+    return _finish(pipe)
+
+
+def _zimage_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[16, 16],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=16,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+
+
+def _control_image(size: int = 64):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+# --------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------
 
@@ -1251,6 +1555,17 @@ FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
     "auraflow": build_auraflow,
     "lumina2": build_lumina2,
     "cogview4": build_cogview4,
+    "pixart_alpha": build_pixart_alpha,
+    "sd_pag": build_sd_pag,
+    "sdxl_pag": build_sdxl_pag,
+    "pixart_sigma_pag": build_pixart_sigma_pag,
+    "flux_kontext": build_flux_kontext,
+    "controlnet_sd": build_controlnet_sd,
+    "bria": build_bria,
+    "chroma": build_chroma,
+    "hunyuandit": build_hunyuandit,
+    "hidream": build_hidream,
+    "zimage": build_zimage,
 }
 
 DEFAULT_SIZE: dict[str, tuple[int, int]] = {name: (64, 64) for name in FAMILIES}
@@ -1271,11 +1586,27 @@ EXPECTED_LATENT_SHAPE: dict[str, tuple[int, ...]] = {
     "auraflow": (1, 4, 32, 32),
     "lumina2": (1, 4, 8, 8),  # pipeline hard-codes VAE scale factor 8
     "cogview4": (1, 4, 32, 32),
+    "pixart_alpha": (1, 4, 32, 32),  # binned to 256 x 256 like PixArt-Sigma
+    "sd_pag": (1, 4, 32, 32),
+    "sdxl_pag": (1, 4, 32, 32),
+    "pixart_sigma_pag": (1, 4, 32, 32),
+    "flux_kontext": (1, 256, 16),  # packed like Flux
+    "controlnet_sd": (1, 4, 32, 32),
+    "bria": (1, 256, 16),  # packed like Flux
+    "chroma": (1, 256, 16),  # packed like Flux
+    "hunyuandit": (1, 4, 8, 8),  # VAE scale factor 8, binning off
+    "hidream": (1, 4, 8, 8),  # VAE scale factor 8
+    "zimage": (1, 16, 32, 32),  # VAE scale factor 2
 }
 
 PROMPT_CALL_KWARGS: dict[str, dict] = {
     # the decoder takes CLIP image embeddings (B, 32) instead of a prompt
     "kandinsky22": {"image_embeds": _kandinsky_embeds(0), "negative_image_embeds": _kandinsky_embeds(1)},
+    # binning would generate 64 x 64 at 1024 x 1024
+    "hunyuandit": {"use_resolution_binning": False},
+    # the conditioning image, and Kontext's area (default 1 megapixel: the requested 64 x 64 is rescaled to it)
+    "controlnet_sd": {"image": _control_image()},
+    "flux_kontext": {"max_area": 64 * 64},
 }
 
 # Families that take a text ``prompt=`` (and whose ``encode_prompt`` takes text).

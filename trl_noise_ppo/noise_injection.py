@@ -16,6 +16,7 @@ import ast
 import functools
 import inspect
 import math
+import re
 import textwrap
 import weakref
 from dataclasses import dataclass
@@ -277,8 +278,9 @@ def encode_prompt_call_sites(pipeline_class: type) -> tuple[tuple[tuple[str, ...
 
 def _encode_prompt_kwargs(pipeline: DiffusionPipeline, prompts: list[str], call_kwargs: dict, constants: dict) -> dict:
     # Arguments `encode_prompt` shares with `__call__` take the call's value, else `__call__`'s default, so that the
-    # embeddings are those the pipeline would compute for itself; constants of the call site come next; the prompts and
-    # no classifier-free guidance (only the prompts' own embeddings) win.
+    # embeddings are those the pipeline would compute for itself; constants of the call site come next; the prompts
+    # win, with the negative prompts' embeddings too (unused by the pipeline where guidance is off, but some refuse
+    # `prompt_embeds` without them where it is on).
     call_defaults = {
         name: param.default
         for name, param in inspect.signature(pipeline.__call__).parameters.items()
@@ -288,7 +290,7 @@ def _encode_prompt_kwargs(pipeline: DiffusionPipeline, prompts: list[str], call_
         "prompt": prompts,
         "device": pipeline._execution_device,
         "num_images_per_prompt": 1,
-        "do_classifier_free_guidance": False,
+        "do_classifier_free_guidance": True,
     }
     kwargs = {}
     for name, param in inspect.signature(pipeline.encode_prompt).parameters.items():
@@ -306,13 +308,14 @@ def _encode_prompt_kwargs(pipeline: DiffusionPipeline, prompts: list[str], call_
 
 
 def _conditioning_names(pipeline: DiffusionPipeline) -> list[tuple[tuple[str, ...], dict]]:
-    """The `encode_prompt` calls whose outputs `__call__` also takes as arguments (the prompts' own, not the negative
-    prompts'), with the names to keep; one nameless call (a pipeline whose source cannot be read) if none."""
+    """The `encode_prompt` calls whose outputs `__call__` also takes as arguments, with the names to keep; one nameless
+    call (a pipeline whose source cannot be read) if none."""
     parameters = call_parameters(pipeline)
     sites = []
     for names, constants in encode_prompt_call_sites(type(pipeline)):
-        kept = tuple(name if name in parameters and not name.startswith("negative") else None for name in names)
-        if any(kept):
+        kept = tuple(name if name in parameters else None for name in names)
+        # a call that encodes only the negative prompts (Flux's true CFG) is left to the pipeline
+        if any(name and not name.startswith("negative") for name in kept):
             sites.append((kept, constants))
     return sites or [((), {})]
 
@@ -368,10 +371,11 @@ def _batch_axes(pipeline: DiffusionPipeline, prompt: str, call_kwargs: dict) -> 
 def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwargs) -> dict:
     """
     Encodes `prompts` once with the pipeline's own `encode_prompt`, as its `__call__` would (see
-    `encode_prompt_call_sites`; no classifier-free guidance: only the prompts' own embeddings), and returns every output
-    that `__call__` takes as an argument, under that argument's name: `prompt_embeds`, and where the family has them
-    pooled embeddings, attention masks of any dtype, a second encoder's embeddings (HunyuanDiT's `prompt_embeds_2`),
-    HiDream's `prompt_embeds_t5` / `prompt_embeds_llama3`, or Z-Image's list of variable-length embeddings.
+    `encode_prompt_call_sites`), and returns every output that `__call__` takes as an argument, under that argument's
+    name: `prompt_embeds`, and where the family has them pooled embeddings, attention masks of any dtype, a second
+    encoder's embeddings (HunyuanDiT's `prompt_embeds_2`), HiDream's `prompt_embeds_t5` / `prompt_embeds_llama3`,
+    Z-Image's list of variable-length embeddings, and the negative prompts' counterparts (the call's `negative_prompt`,
+    else the pipeline's default). Call the pipeline `without_encoded_prompts`.
 
     Every value has one row per prompt first (tensors are moved so; lists have one entry per prompt):
     `pipeline_arguments` puts them back as the pipeline takes them.
@@ -387,10 +391,24 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
     return encoded
 
 
+ENCODED_PROMPT_ARGUMENT = re.compile(r"(negative_)?prompt(_\d)?")
+
+
+def without_encoded_prompts(call_kwargs: dict) -> dict:
+    """`call_kwargs` without the prompts `encode_prompts` has turned into embeddings (`prompt_2`, `negative_prompt`,
+    ...): the pipeline refuses both a prompt and its embeddings."""
+    return {name: value for name, value in call_kwargs.items() if not ENCODED_PROMPT_ARGUMENT.fullmatch(name)}
+
+
 def pipeline_arguments(pipeline: DiffusionPipeline, conditioning: dict) -> dict:
-    """The conditioning (rows first, see `encode_prompts`) as `pipeline`'s `__call__` takes it."""
+    """The conditioning (rows first, see `encode_prompts`) as `pipeline`'s `__call__` takes it, the prompts it replaces
+    set to `None` (PixArt's `negative_prompt` defaults to `""`, and it refuses both a prompt and its embeddings)."""
     axes = _BATCH_AXES.get(pipeline, {})
-    return {name: value.movedim(0, axes[name]) if name in axes else value for name, value in conditioning.items()}
+    encoded_prompts = {name: None for name in call_parameters(pipeline) if ENCODED_PROMPT_ARGUMENT.fullmatch(name)}
+    return {
+        **encoded_prompts,
+        **{name: value.movedim(0, axes[name]) if name in axes else value for name, value in conditioning.items()},
+    }
 
 
 def repeat_rows(conditioning: dict, repeats: int) -> dict:

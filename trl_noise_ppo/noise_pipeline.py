@@ -15,6 +15,7 @@ from .noise_injection import (
     generator_inputs,
     pipeline_arguments,
     repeat_rows,
+    without_encoded_prompts,
 )
 
 
@@ -149,8 +150,7 @@ class NoisePPOPipeline:
             )
         else:
             conditioning = encode_prompts(self.pipeline, [prompt] if isinstance(prompt, str) else list(prompt), **kwargs)
-            # the other text encoders' prompts are now in the embeddings
-            kwargs = {name: value for name, value in kwargs.items() if name not in ("prompt_2", "prompt_3", "prompt_4")}
+            kwargs = without_encoded_prompts(kwargs)
         # one row of embeddings per image: families disagree on whether they repeat given embeddings themselves
         image_conditioning = pipeline_arguments(self.pipeline, repeat_rows(conditioning, num_images_per_prompt))
         call_kwargs = {**kwargs, **image_conditioning, "num_images_per_prompt": 1, "generator": generator}

@@ -32,6 +32,7 @@ from .noise_injection import (
     prompt_conditioning,
     repeat_rows,
     take_rows,
+    without_encoded_prompts,
 )
 from .noise_ppo_config import NoisePPOConfig
 from .rewards import call_reward_funcs, resolve_reward_funcs
@@ -201,7 +202,14 @@ class NoisePPOTrainer(_BaseTrainer):
                 f"pipeline_kwargs has {unknown}, which {type(pipeline).__name__}.__call__ does not take; remove them."
             )
         example_embeds = prompt_conditioning(pipeline, [train_dataset[0]], **args.pipeline_kwargs)
-        noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, pipeline, example_embeds))
+        try:
+            noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, pipeline, example_embeds))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{type(pipeline).__name__} fails on the training call ({error}). Per-prompt arguments (a ControlNet's "
+                "`image`, Flux Kontext's reference `image`) come from dataset columns of the argument's name; others "
+                "from `pipeline_kwargs`."
+            ) from error
         if isinstance(noise_generator, str | os.PathLike):
             noise_generator = load_noise_generator(noise_generator)
         if noise_generator is None:
@@ -244,7 +252,7 @@ class NoisePPOTrainer(_BaseTrainer):
         # One row of embeddings per image: given embeddings are repeated for num_images_per_prompt by some families and
         # not by others, while the negative prompt's always are
         kwargs = {
-            **args.pipeline_kwargs,
+            **without_encoded_prompts(args.pipeline_kwargs),
             **pipeline_arguments(pipeline, embeds),
             "num_images_per_prompt": 1,
             "num_inference_steps": args.num_inference_steps,
