@@ -32,6 +32,17 @@ qwenimage       QwenImagePipeline               (1, 64, 16)          PACKED late
 auraflow        AuraFlowPipeline                (1, 4, 32, 32)       UMT5
 lumina2         Lumina2Pipeline                 (1, 4, 8, 8)         Gemma; VAE x8 hard-coded
 cogview4        CogView4Pipeline                (1, 4, 32, 32)       GLM
+pixart_alpha    PixArtAlphaPipeline             (1, 4, 32, 32)       PixArt-Sigma's parts, binned
+sd_pag          StableDiffusionPAGPipeline      (1, 4, 32, 32)       sd's parts, PAG on "mid"
+sdxl_pag        StableDiffusionXLPAGPipeline    (1, 4, 32, 32)       sdxl's parts, PAG on "mid"
+pixart_sigma_pag PixArtSigmaPAGPipeline         (1, 4, 32, 32)       pixart_sigma's parts
+flux_kontext    FluxKontextPipeline             (1, 256, 16)         flux's parts; PACKED; max_area
+controlnet_sd   StableDiffusionControlNetPipeline (1, 4, 32, 32)     needs ``image=``
+bria            BriaPipeline                    (1, 256, 16)         T5; PACKED
+chroma          ChromaPipeline                  (1, 256, 16)         T5, FLOAT mask; PACKED
+hunyuandit      HunyuanDiTPipeline              (1, 4, 8, 8)         BERT + T5; binning off
+hidream         HiDreamImagePipeline            (1, 4, 8, 8)         CLIP x2 + T5 + Llama
+zimage          ZImagePipeline                  (1, 16, 32, 32)      Qwen-3; LIST of embeddings
 ==============  ==============================  ===================  ============================
 
 Tables for tests:
@@ -43,7 +54,9 @@ Tables for tests:
 - ``EXPECTED_LATENT_SHAPE[name]``: the ``latents=`` shape for batch 1 at ``DEFAULT_SIZE``.
   ``randn`` of it, given as ``latents=``, reproduces the pipeline's own default call with the same
   generator seed, except for the packed families (see ``UNPACKED_NOISE_SHAPE``) and LCM.
-- ``PROMPT_CALL_KWARGS[name]``: extra call arguments; only Kandinsky 2.2 needs any.
+- ``PROMPT_CALL_KWARGS[name]``: extra call arguments: Kandinsky 2.2's image embeddings, the
+  ControlNet's conditioning ``image``, Flux Kontext's ``max_area`` (else it generates at 1
+  megapixel) and HunyuanDiT's ``use_resolution_binning=False`` (else 64 px is binned to 1024 px).
 - ``TEXT_PROMPT_FAMILIES``: the families that take ``prompt=`` and ``encode_prompt(text)``.
 - ``RAW_PT_OUTPUT_FAMILIES``, ``STOCHASTIC_SAMPLER_FAMILIES``, ``INIT_NOISE_SIGMA_FAMILIES``,
   ``UNPACKED_NOISE_SHAPE``, ``BINNED_GENERATION_SIZE``: the quirks below.
@@ -1634,6 +1647,9 @@ INIT_NOISE_SIGMA_FAMILIES: frozenset[str] = frozenset(
 UNPACKED_NOISE_SHAPE: dict[str, tuple[int, ...]] = {
     "flux": (1, 4, 32, 32),
     "qwenimage": (1, 1, 4, 16, 16),  # with a frame axis
+    "flux_kontext": (1, 4, 32, 32),
+    "bria": (1, 4, 32, 32),
+    "chroma": (1, 4, 32, 32),
 }
 
 # Families that snap (height, width) to an aspect-ratio bin before drawing noise (default

@@ -66,6 +66,9 @@ REFUSED_PIPELINE_NAME_PARTS = {
 # `__call__` arguments that make a pipeline's output a video.
 VIDEO_ARGUMENTS = ("num_frames", "video_length")
 
+# `__call__` arguments that `encode_prompts` turns into embeddings.
+ENCODED_PROMPT_ARGUMENT = re.compile(r"(negative_)?prompt(_\d)?")
+
 
 # Pipelines whose `output_type="pt"` images are the decoder's raw output in about [-1, 1] instead of [0, 1].
 RAW_PT_OUTPUT_PIPELINES = {"KandinskyV22Pipeline"}
@@ -300,6 +303,8 @@ def _encode_prompt_kwargs(pipeline: DiffusionPipeline, prompts: list[str], call_
             kwargs[name] = constants[name]
         elif name in call_kwargs:
             kwargs[name] = call_kwargs[name]
+            if ENCODED_PROMPT_ARGUMENT.fullmatch(name) and isinstance(kwargs[name], str):
+                kwargs[name] = [kwargs[name]] * len(prompts)  # one per prompt: some refuse a string beside a list
         elif name in call_defaults and "embeds" not in name and not name.startswith("negative"):
             kwargs[name] = call_defaults[name]
         elif param.default is param.empty:
@@ -389,9 +394,6 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
     for name, axis in _batch_axes(pipeline, prompts[0], call_kwargs).items():
         encoded[name] = encoded[name].movedim(axis, 0)
     return encoded
-
-
-ENCODED_PROMPT_ARGUMENT = re.compile(r"(negative_)?prompt(_\d)?")
 
 
 def without_encoded_prompts(call_kwargs: dict) -> dict:

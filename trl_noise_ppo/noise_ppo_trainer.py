@@ -251,17 +251,19 @@ class NoisePPOTrainer(_BaseTrainer):
     def _pipeline_kwargs(args: NoisePPOConfig, pipeline: DiffusionPipeline, embeds: dict) -> dict:
         # One row of embeddings per image: given embeddings are repeated for num_images_per_prompt by some families and
         # not by others, while the negative prompt's always are
-        kwargs = {
-            **without_encoded_prompts(args.pipeline_kwargs),
-            **pipeline_arguments(pipeline, embeds),
-            "num_images_per_prompt": 1,
+        settings = {
             "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale,
             "height": args.height,
             "width": args.width,
-            "output_type": "pt",
         }
-        return {name: value for name, value in kwargs.items() if value is not None}
+        return {
+            **without_encoded_prompts(args.pipeline_kwargs),
+            **pipeline_arguments(pipeline, embeds),  # with the prompts it replaces set to None
+            "num_images_per_prompt": 1,
+            "output_type": "pt",
+            **{name: value for name, value in settings.items() if value is not None},  # None: the pipeline's default
+        }
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
