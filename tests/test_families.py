@@ -40,7 +40,8 @@ from trl_noise_ppo.noise_injection import (
 
 TEXT_FAMILIES = ["sd", "sd_vpred", "sdxl", "lcm", "sd3", "flux", "flux2", "flux2_klein", "pixart_sigma", "sana",
                  "qwenimage", "auraflow", "lumina2", "cogview4", "pixart_alpha", "sd_pag", "sdxl_pag", "pixart_sigma_pag",
-                 "flux_kontext", "bria", "chroma", "hunyuandit", "hidream", "zimage"]
+                 "flux_kontext", "bria", "chroma", "hunyuandit", "hidream", "zimage", "sana_sprint", "cogview3plus",
+                 "lumina"]
 POOLED_FAMILIES = {"sdxl", "sd3", "flux", "sdxl_pag", "flux_kontext", "hidream"}
 PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square on the left"]})
 
@@ -113,6 +114,19 @@ def test_train_save_load_and_infer(family, tmp_path):
     assert images.shape == (4, *base.shape[1:]) and torch.isfinite(images).all()
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_exact_for_the_same_seed_at_a_non_square_size(family):
+    pipe = build_pipeline(family)
+    call = {"prompt": "a red circle", "num_inference_steps": 2, "output_type": "pt", "height": 64, "width": 96}
+    embeds = encode_prompts(pipe, ["a red circle"])
+    spec = discover_noise_spec(pipe, call)
+    untrained = NoisePPOPipeline(pipe, NoiseGenerator(generator_config_for(pipe, spec, embeds)))
+    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    base = pipe(generator=seeded(), **call).images
+    assert base.shape == (1, 3, 64, 96)
+    assert torch.equal(untrained(generator=seeded(), **call).images, base)
+
+
 def test_kandinsky_decoder_is_conditioned_on_image_embeddings(tmp_path):
     pipe = build_pipeline("kandinsky22")
     embeds = PROMPT_CALL_KWARGS["kandinsky22"]
@@ -158,15 +172,15 @@ def test_half_precision_pipeline_with_float32_generator(family, tmp_path):
 def test_stochastic_schedulers_are_seeded(family, tmp_path):
     images = []
     for run in range(2):
-        trainer = NoisePPOTrainer(build_pipeline(family), brightness, args=tiny_config(tmp_path / str(run), family),
-                                  train_dataset=PROMPTS)
+        args = tiny_config(tmp_path / str(run), family, pipeline_kwargs=PROMPT_CALL_KWARGS.get(family, {}))
+        trainer = NoisePPOTrainer(build_pipeline(family), brightness, args=args, train_dataset=PROMPTS)
         rollout = trainer._sample_and_score([{"prompt": "a red circle"}] * 2 + [{"prompt": "a blue square"}] * 2)
         images.append(rollout["advantages"])
     assert torch.equal(*images)
 
     pipe = build_pipeline(family)
     tuned = NoisePPOPipeline(pipe, trainer.model)
-    call = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "pt", **size_kwargs(family)}
+    call = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "pt", **call_kwargs(family)}
     first, second = (tuned(**call, generator=torch.Generator().manual_seed(3)).images for _ in range(2))
     assert torch.equal(first, second)
 

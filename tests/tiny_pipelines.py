@@ -1269,10 +1269,12 @@ def _four_block_vae(latent_channels: int = 4, **kw):
 
 
 def build_pixart_alpha() -> DiffusionPipeline:
-    """PixArt-Alpha on PixArt-Sigma's components: binning ON, 64 x 64 generated at 256 x 256."""
-    from diffusers import PixArtAlphaPipeline
+    """PixArt-Alpha on PixArt-Sigma's components and DDIM: binning ON, 64 x 64 generated at 256 x 256."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
 
-    return _finish(PixArtAlphaPipeline(**build_pixart_sigma().components))
+    # DDIM: with one step PixArt-Alpha reads the scheduler's predicted original sample, which DPM-Solver lacks
+    components = {**build_pixart_sigma().components, "scheduler": DDIMScheduler()}
+    return _finish(PixArtAlphaPipeline(**components))
 
 
 def build_sd_pag() -> DiffusionPipeline:
@@ -1290,7 +1292,7 @@ def build_sdxl_pag() -> DiffusionPipeline:
 def build_pixart_sigma_pag() -> DiffusionPipeline:
     from diffusers import PixArtSigmaPAGPipeline
 
-    return _finish(PixArtSigmaPAGPipeline(**build_pixart_sigma().components, pag_applied_layers=["transformer_blocks.0"]))
+    return _finish(PixArtSigmaPAGPipeline(**build_pixart_sigma().components))  # PAG on its default "blocks.1"
 
 
 def build_flux_kontext() -> DiffusionPipeline:
@@ -1540,6 +1542,98 @@ def _zimage_vae():
     )
 
 
+def build_sana_sprint() -> DiffusionPipeline:
+    """SANA-Sprint (timestep-distilled, guidance embedded) on Sana's text encoder and DC-AE. It bins only
+    at 1024 px (``sample_size=32``): call it with ``use_resolution_binning=False`` (``PROMPT_CALL_KWARGS``)."""
+    from diffusers import SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+
+    sana = build_sana()
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=32,
+        qk_norm="rms_norm_across_heads",
+        guidance_embeds=True,
+    )
+    pipe = SanaSprintPipeline(
+        tokenizer=sana.tokenizer,
+        text_encoder=sana.text_encoder,
+        vae=sana.vae,
+        transformer=transformer,
+        scheduler=SCMScheduler(),
+    )
+    return _finish(pipe)
+
+
+def build_cogview3plus() -> DiffusionPipeline:
+    """CogView3-Plus: T5; a 4-block VAE (scale factor 8) keeps 64 px within the tiny positional table."""
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        out_channels=4,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        condition_dim=2,
+        pos_embed_max_size=8,
+        sample_size=8,
+    )
+    pipe = CogView3PlusPipeline(
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5_encoder(d_model=32),
+        vae=_four_block_vae(),
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+    return _finish(pipe)
+
+
+def build_lumina() -> DiffusionPipeline:
+    """Lumina-Next (Lumina 1): Gemma, a 4-block VAE (scale factor 8)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
+
+    lumina2 = build_lumina2()
+    torch.manual_seed(0)
+    transformer = LuminaNextDiT2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        learn_sigma=True,
+        qk_norm=True,
+        cross_attention_dim=8,
+        scaling_factor=1.0,
+    )
+    pipe = LuminaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_four_block_vae(),
+        text_encoder=lumina2.text_encoder,
+        tokenizer=lumina2.tokenizer,
+    )
+    return _finish(pipe)
+
+
 def _control_image(size: int = 64):
     from PIL import Image
 
@@ -1579,6 +1673,9 @@ FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
     "hunyuandit": build_hunyuandit,
     "hidream": build_hidream,
     "zimage": build_zimage,
+    "sana_sprint": build_sana_sprint,
+    "cogview3plus": build_cogview3plus,
+    "lumina": build_lumina,
 }
 
 DEFAULT_SIZE: dict[str, tuple[int, int]] = {name: (64, 64) for name in FAMILIES}
@@ -1610,6 +1707,9 @@ EXPECTED_LATENT_SHAPE: dict[str, tuple[int, ...]] = {
     "hunyuandit": (1, 4, 8, 8),  # VAE scale factor 8, binning off
     "hidream": (1, 4, 8, 8),  # VAE scale factor 8
     "zimage": (1, 16, 32, 32),  # VAE scale factor 2
+    "sana_sprint": (1, 4, 2, 2),  # binning off, DC-AE scale factor 32
+    "cogview3plus": (1, 4, 8, 8),  # VAE scale factor 8
+    "lumina": (1, 4, 8, 8),  # VAE scale factor 8
 }
 
 PROMPT_CALL_KWARGS: dict[str, dict] = {
@@ -1617,6 +1717,7 @@ PROMPT_CALL_KWARGS: dict[str, dict] = {
     "kandinsky22": {"image_embeds": _kandinsky_embeds(0), "negative_image_embeds": _kandinsky_embeds(1)},
     # binning would generate 64 x 64 at 1024 x 1024
     "hunyuandit": {"use_resolution_binning": False},
+    "sana_sprint": {"use_resolution_binning": False},
     # the conditioning image, and Kontext's area (default 1 megapixel: the requested 64 x 64 is rescaled to it)
     "controlnet_sd": {"image": _control_image()},
     "flux_kontext": {"max_area": 64 * 64},
@@ -1630,9 +1731,9 @@ TEXT_PROMPT_FAMILIES: tuple[str, ...] = tuple(n for n in FAMILIES if n != "kandi
 # (x * 0.5 + 0.5).clamp(0, 1) to compare with other families.
 RAW_PT_OUTPUT_FAMILIES: frozenset[str] = frozenset({"kandinsky22"})
 
-# Families whose scheduler draws fresh noise inside ``scheduler.step`` (LCM with > 1 step): a
+# Families whose scheduler draws fresh noise inside ``scheduler.step`` (LCM with > 1 step, DDPM): a
 # fixed ``latents=`` does not fix the image unless ``generator=`` is fixed too.
-STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm"})
+STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm", "hunyuandit"})
 
 # Families that multiply given latents by ``scheduler.init_noise_sigma`` (pass unit-variance noise,
 # never pre-scale). 1.0 for DDIM/DPM/LCM; for SDXL's Euler it is set by ``set_timesteps``
