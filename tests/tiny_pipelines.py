@@ -1544,7 +1544,8 @@ def _zimage_vae():
 
 def build_sana_sprint() -> DiffusionPipeline:
     """SANA-Sprint (timestep-distilled, guidance embedded) on Sana's text encoder and DC-AE. It bins only
-    at 1024 px (``sample_size=32``): call it with ``use_resolution_binning=False`` (``PROMPT_CALL_KWARGS``)."""
+    at 1024 px (``sample_size=32``): call it with ``use_resolution_binning=False`` and, for other than 2
+    steps, ``intermediate_timesteps=None`` (``PROMPT_CALL_KWARGS``)."""
     from diffusers import SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
 
     sana = build_sana()
@@ -1624,6 +1625,8 @@ def build_lumina() -> DiffusionPipeline:
         cross_attention_dim=8,
         scaling_factor=1.0,
     )
+    with torch.no_grad():  # created with torch.empty: fixed so that builds are identical
+        transformer.pad_token.copy_(torch.ones_like(transformer.pad_token))
     pipe = LuminaPipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -1717,7 +1720,8 @@ PROMPT_CALL_KWARGS: dict[str, dict] = {
     "kandinsky22": {"image_embeds": _kandinsky_embeds(0), "negative_image_embeds": _kandinsky_embeds(1)},
     # binning would generate 64 x 64 at 1024 x 1024
     "hunyuandit": {"use_resolution_binning": False},
-    "sana_sprint": {"use_resolution_binning": False},
+    # SCM's default intermediate timestep works with exactly 2 steps only
+    "sana_sprint": {"use_resolution_binning": False, "intermediate_timesteps": None},
     # the conditioning image, and Kontext's area (default 1 megapixel: the requested 64 x 64 is rescaled to it)
     "controlnet_sd": {"image": _control_image()},
     "flux_kontext": {"max_area": 64 * 64},
@@ -1731,9 +1735,9 @@ TEXT_PROMPT_FAMILIES: tuple[str, ...] = tuple(n for n in FAMILIES if n != "kandi
 # (x * 0.5 + 0.5).clamp(0, 1) to compare with other families.
 RAW_PT_OUTPUT_FAMILIES: frozenset[str] = frozenset({"kandinsky22"})
 
-# Families whose scheduler draws fresh noise inside ``scheduler.step`` (LCM with > 1 step, DDPM): a
+# Families whose scheduler draws fresh noise inside ``scheduler.step`` (LCM with > 1 step, DDPM, SCM): a
 # fixed ``latents=`` does not fix the image unless ``generator=`` is fixed too.
-STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm", "hunyuandit"})
+STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm", "hunyuandit", "sana_sprint"})
 
 # Families that multiply given latents by ``scheduler.init_noise_sigma`` (pass unit-variance noise,
 # never pre-scale). 1.0 for DDIM/DPM/LCM; for SDXL's Euler it is set by ``set_timesteps``
