@@ -1,5 +1,8 @@
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from trl.trainer.base_config import _BaseConfig
 
@@ -200,11 +203,25 @@ class NoisePPOConfig(_BaseConfig):
                 f"sample_batch_size ({self.sample_batch_size}) must be a multiple of num_generations "
                 f"({self.num_generations}): each pipeline call samples whole prompt groups."
             )
-        for name in ("num_inference_steps", "num_iterations", "steps_per_generation"):
+        for name in ("num_inference_steps", "num_iterations", "steps_per_generation", "generator_hidden_dim",
+                     "generator_grid_size", "generator_grid_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.epsilon <= 0 or self.beta < 0 or self.advantage_clip <= 0:
+        for name in ("height", "width", "sample_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for the default), got {getattr(self, name)}.")
+        if self.max_steps == 0:
+            raise ValueError("max_steps=0 would train nothing: give a positive number of steps, or -1 to use num_train_epochs.")
+        # `not x > 0` and not `x <= 0`, so that NaN fails too
+        if not (0 < self.epsilon < math.inf and 0 < self.advantage_clip < math.inf and 0 <= self.beta < math.inf):
             raise ValueError(
-                f"epsilon and advantage_clip must be positive and beta non-negative; got epsilon={self.epsilon}, "
+                f"epsilon and advantage_clip must be positive and beta non-negative, all finite; got epsilon={self.epsilon}, "
                 f"advantage_clip={self.advantage_clip}, beta={self.beta}."
             )
+        float32_max = torch.finfo(torch.float32).max
+        for index, weight in enumerate(self.reward_weights or []):
+            if not abs(weight) <= float32_max:
+                raise ValueError(
+                    f"reward_weights[{index}] is {weight}: reward weights must be finite numbers float32 can hold "
+                    f"(magnitude at most {float32_max:.3g})."
+                )

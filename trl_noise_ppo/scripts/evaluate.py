@@ -27,15 +27,15 @@ from tqdm.auto import tqdm
 from trl import TrlParser
 from trl.trainer.utils import get_callable_name
 
-from ..rewards import call_reward_funcs, resolve_reward_funcs
+from ..rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 from .utils import (
-    parse_pipeline_kwargs,
     ModelArguments,
     PromptArguments,
     default_device,
     image_seeds,
     load_prompts,
     load_tuned_pipeline,
+    parse_pipeline_kwargs,
     reward_funcs_from_names,
     seeded_generators,
 )
@@ -113,6 +113,7 @@ def interval(values: list[float]) -> dict:
 
 def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: PromptArguments) -> dict:
     reward_funcs = resolve_reward_funcs(reward_funcs_from_names(args.reward_funcs))
+    check_reward_files(reward_funcs)
     prompts = load_prompts(args.prompts, prompt_args)
     if len(prompts) * args.num_images_per_prompt < 2:
         raise ValueError("A confidence interval needs at least two images: raise --num_images_per_prompt or add prompts.")

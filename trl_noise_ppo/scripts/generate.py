@@ -15,13 +15,13 @@ from tqdm.auto import tqdm
 from trl import TrlParser
 
 from .utils import (
-    parse_pipeline_kwargs,
     ModelArguments,
     PromptArguments,
     default_device,
     image_seeds,
     load_prompts,
     load_tuned_pipeline,
+    parse_pipeline_kwargs,
     seeded_generators,
 )
 
