@@ -159,11 +159,11 @@ def test_training_process_dies_with_a_killed_command(tmp_path, tiny_sd, prompt_f
 # ---- evaluate ----
 
 
-def evaluate(tmp_path, generator, steps=("1", "2")):
+def evaluate(tmp_path, generator, steps=("1", "2"), extra=()):
     main(["evaluate", "--noise_generator", str(generator), "--reward_funcs", "tests.test_cli.brightness",
           "jpeg_compressibility", "--prompts", "a red circle", "a blue square", "--num_inference_steps", *steps,
           "--num_images_per_prompt", "3", "--height", "64", "--width", "64", "--output_dir", str(tmp_path / "eval"),
-          "--device", "cpu"])
+          "--device", "cpu", *extra])
     return json.loads((tmp_path / "eval" / "results.json").read_text())
 
 
@@ -197,6 +197,29 @@ def test_evaluate_pairs_images_by_seed(tmp_path, tiny_sd):
         assert result["tuned_rewards"] == result["base_rewards"]
         assert result["difference"]["ci95"] == [0.0, 0.0]
     assert len(set(report["results"][0]["base_rewards"])) == 6  # and every image has its own seed
+
+
+def test_evaluate_passes_pipeline_kwargs_to_both_pipelines(tmp_path, tiny_sd):
+    generator = generator_for(tiny_sd, tmp_path / "generator", perturbed=False)
+    guided = ["--guidance_scale", "7.5"]
+    plain = evaluate(tmp_path / "plain", generator, steps=("2",), extra=guided)["results"][0]
+    negative = evaluate(tmp_path / "negative", generator, steps=("2",),
+                        extra=[*guided, "--pipeline_kwargs", '{"negative_prompt": "blurry"}'])["results"][0]
+    assert negative["base_rewards"] != plain["base_rewards"]  # the negative prompt reached the base pipeline
+    assert negative["tuned_rewards"] == negative["base_rewards"]  # and the tuned one
+
+
+def test_evaluate_names_missing_reward_weights_before_loading_anything(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from trl_noise_ppo.rewards import MissingWeightsError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    # The generator folder does not exist either: the reward check has to come first to be the error raised.
+    with pytest.raises(MissingWeightsError, match=r"(?s)hf download xswu/HPSv2 .*hf download THUDM/ImageReward "):
+        main(["evaluate", "--noise_generator", str(tmp_path / "absent-generator"), "--reward_funcs", "hpsv2",
+              "imagereward", "--prompts", "a red circle", "--output_dir", str(tmp_path / "eval")])
 
 
 def test_interval_leaves_out_unscored_images():
@@ -255,3 +278,15 @@ def test_reward_names_resolve_without_loading_models():
     assert reward_funcs_from_names(["pickscore", "hpsv2.1", "tests.test_cli.brightness"]) == ["pickscore", "hpsv2.1", brightness]
     with pytest.raises(ValueError, match="No reward given"):
         reward_funcs_from_names([])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompts", "a", "--num_images_per_prompt", "0"], r"--num_images_per_prompt \(got 0\)"),
+        (["evaluate", "--prompts", "a", "--reward_funcs", "jpeg_compressibility", "--num_inference_steps", "0"], r"--num_inference_steps \(got \[0\]\)"),
+    ],
+)
+def test_evaluate_and_generate_refuse_zero_counts_as_one_line(argv, message, capsys):
+    assert main([*argv, "--noise_generator", "missing"]) == 2
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])

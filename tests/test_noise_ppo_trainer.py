@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from datasets import Dataset
@@ -19,7 +20,7 @@ from transformers import TrainerCallback
 from trl_noise_ppo import noise_ppo_trainer as trainer_module
 from trl_noise_ppo.noise_injection import generator_inputs
 from trl_noise_ppo.noise_ppo_trainer import gaussian_log_density, group_advantages, kl_to_standard_normal
-from trl_noise_ppo.rewards import HTTPReward
+from trl_noise_ppo.rewards import HTTPReward, MissingWeightsError
 from trl_noise_ppo.shapes import ShapesAlignmentReward, load_shapes_pipeline, training_prompts
 
 
@@ -201,6 +202,28 @@ def test_pipeline_without_latents_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="no `latents` argument"):
         NoisePPOTrainer(DDIMPipeline(unet=unet, scheduler=DDIMScheduler()), brightness, args=make_config(tmp_path), train_dataset=PROMPTS)
+
+
+def test_missing_reward_weights_are_all_named_before_any_image_is_generated(tmp_path, monkeypatch):
+    # A fresh offline machine: HF_HUB_OFFLINE=1 and an empty Hugging Face cache.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    pipe = build_pipeline("sd")
+    calls, sample = [], type(pipe).__call__
+
+    @functools.wraps(sample)
+    def counting_sample(self, *args, **kwargs):
+        calls.append(kwargs)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", counting_sample)
+    with pytest.raises(MissingWeightsError) as error:
+        NoisePPOTrainer(pipe, ["hpsv2", "imagereward", "aesthetic"], args=make_config(tmp_path), train_dataset=PROMPTS)
+    repositories = ["xswu/HPSv2", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "THUDM/ImageReward", "bert-base-uncased",
+                    "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor"]
+    for repository in repositories:
+        assert f"hf download {repository} " in str(error.value)
+    assert calls == []
 
 
 def test_generator_for_another_pipeline_is_refused(tmp_path):

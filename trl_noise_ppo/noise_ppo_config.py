@@ -1,9 +1,17 @@
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from trl.trainer.base_config import _BaseConfig
+
+
+# Pipeline call arguments the trainer decides: the noise, its seed, the prompt's conditioning, the batch and the output.
+PIPELINE_ARGUMENTS_SET_BY_TRAINER = frozenset(
+    {"prompt", "latents", "generator", "prompt_embeds", "num_images_per_prompt", "output_type", "return_dict",
+     "num_inference_steps", "guidance_scale", "height", "width"}
+)
 
 
 @dataclass
@@ -35,6 +43,11 @@ class NoisePPOConfig(_BaseConfig):
         num_generations (`int`, *optional*, defaults to `8`):
             Number of images sampled per prompt. Advantages are normalised within each prompt's group, so it must be
             at least 2.
+        pipeline_kwargs (`dict[str, Any]` or `None`, *optional*, defaults to `None`):
+            Further keyword arguments of every pipeline call, in training and evaluation: a `negative_prompt`, Flux's
+            `true_cfg_scale`, Flux Kontext's `max_area`, `use_resolution_binning`, ... (a JSON string on the command
+            line). Per-prompt arguments (a ControlNet's `control_image`, Kontext's `image`) come from dataset columns of
+            the argument's name instead.
         sample_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Most images passed to the pipeline in one call while sampling; a multiple of `num_generations`. `None`
             samples the whole generation batch in one call. Lower it if sampling runs out of memory.
@@ -110,6 +123,10 @@ class NoisePPOConfig(_BaseConfig):
     num_generations: int = field(
         default=8, metadata={"help": "Images sampled per prompt; advantages are normalised within each group."}
     )
+    pipeline_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Further keyword arguments of every pipeline call (JSON), e.g. '{\"negative_prompt\": \"blurry\"}'."},
+    )
     sample_batch_size: int | None = field(
         default=None,
         metadata={"help": "Most images per pipeline call while sampling (a multiple of num_generations); None: all."},
@@ -163,8 +180,22 @@ class NoisePPOConfig(_BaseConfig):
         default=False, metadata={"help": "Keep every dataset column: they are passed to the reward functions."}
     )
 
+    _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["pipeline_kwargs"]
+
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.pipeline_kwargs, str):
+            raise ValueError(
+                f"pipeline_kwargs must be a JSON object such as '{{\"negative_prompt\": \"blurry\"}}', got "
+                f"{self.pipeline_kwargs!r}."
+            )
+        self.pipeline_kwargs = dict(self.pipeline_kwargs or {})
+        owned = sorted(set(self.pipeline_kwargs) & PIPELINE_ARGUMENTS_SET_BY_TRAINER)
+        if owned:
+            raise ValueError(
+                f"pipeline_kwargs sets {owned}, which Noise PPO sets itself on every call; use the config fields "
+                "(num_inference_steps, guidance_scale, height, width) or dataset columns instead."
+            )
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
         if self.num_generations < 2:

@@ -1,3 +1,4 @@
+import inspect
 import math
 import os
 import shutil
@@ -31,10 +32,14 @@ from .noise_injection import (
     generator_config_for,
     generator_inputs,
     images_in_unit_range,
+    pipeline_arguments,
     prompt_conditioning,
+    repeat_rows,
+    take_rows,
+    without_encoded_prompts,
 )
 from .noise_ppo_config import NoisePPOConfig
-from .rewards import call_reward_funcs, resolve_reward_funcs, runs_concurrently
+from .rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs, runs_concurrently
 
 
 ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
@@ -205,6 +210,7 @@ class NoisePPOTrainer(_BaseTrainer):
                 "run. Add prompts or lower per_device_train_batch_size."
             )
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        check_reward_files(self.reward_funcs)  # every missing weight file named at once, before any sampling
         self.reward_func_names = [get_callable_name(func) for func in self.reward_funcs]
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
@@ -221,8 +227,20 @@ class NoisePPOTrainer(_BaseTrainer):
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
 
-        example_embeds = prompt_conditioning(pipeline, [train_dataset[0]])
-        noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, example_embeds))
+        unknown = sorted(set(args.pipeline_kwargs) - set(inspect.signature(pipeline.__call__).parameters))
+        if unknown:
+            raise ValueError(
+                f"pipeline_kwargs has {unknown}, which {type(pipeline).__name__}.__call__ does not take; remove them."
+            )
+        example_embeds = prompt_conditioning(pipeline, [train_dataset[0]], **args.pipeline_kwargs)
+        try:
+            noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, pipeline, example_embeds))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{type(pipeline).__name__} fails on the training call ({error}). Per-prompt arguments (a ControlNet's "
+                "`image`, Flux Kontext's reference `image`) come from dataset columns of the argument's name; others "
+                "from `pipeline_kwargs`."
+            ) from error
         # The Trainer seeds only once the model exists; a new generator is initialised here, so seed first
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         if isinstance(noise_generator, str | os.PathLike):
@@ -266,19 +284,22 @@ class NoisePPOTrainer(_BaseTrainer):
         self._step = 0  # micro-steps; a generation batch is sampled every steps_per_generation * num_iterations
 
     @staticmethod
-    def _pipeline_kwargs(args: NoisePPOConfig, embeds: dict) -> dict:
+    def _pipeline_kwargs(args: NoisePPOConfig, pipeline: DiffusionPipeline, embeds: dict) -> dict:
         # One row of embeddings per image: given embeddings are repeated for num_images_per_prompt by some families and
         # not by others, while the negative prompt's always are
-        kwargs = {
-            **embeds,
-            "num_images_per_prompt": 1,
+        settings = {
             "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale,
             "height": args.height,
             "width": args.width,
-            "output_type": "pt",
         }
-        return {name: value for name, value in kwargs.items() if value is not None}
+        return {
+            **without_encoded_prompts(args.pipeline_kwargs),
+            **pipeline_arguments(pipeline, embeds),  # with the prompts it replaces set to None
+            "num_images_per_prompt": 1,
+            "output_type": "pt",
+            **{name: value for name, value in settings.items() if value is not None},  # None: the pipeline's default
+        }
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -333,8 +354,8 @@ class NoisePPOTrainer(_BaseTrainer):
         device, k = self.accelerator.device, self.args.num_generations
         prompts = [example["prompt"] for example in batch]
         generator = self.accelerator.unwrap_model(self.model)
-        embeds = prompt_conditioning(self.pipeline, batch[::k])
-        sample_embeds = {name: value.repeat_interleave(k, dim=0) for name, value in embeds.items()}
+        embeds = prompt_conditioning(self.pipeline, batch[::k], **self.args.pipeline_kwargs)
+        sample_embeds = repeat_rows(embeds, k)
 
         # x_T = mu(c) + sigma(c) * eps: the action, and its log-density under the policy that sampled it
         mu, log_sigma = generator(**generator_inputs(embeds))
@@ -369,7 +390,7 @@ class NoisePPOTrainer(_BaseTrainer):
                 call = slice(start, start + images_per_call)
                 sample_start = time.perf_counter()
                 output = self.pipeline(
-                    **self._pipeline_kwargs(self.args, {name: value[call] for name, value in sample_embeds.items()}),
+                    **self._pipeline_kwargs(self.args, self.pipeline, take_rows(sample_embeds, call)),
                     latents=noise[call].to(self.noise_dtype),
                     generator=self._rollout_generator(salt=2 + start),
                 )
@@ -412,7 +433,7 @@ class NoisePPOTrainer(_BaseTrainer):
         self._metrics["reward_std"].append(_nanstd(all_rewards))
 
         return {
-            **sample_embeds,
+            **{name: value for name, value in generator_inputs(repeat_rows(embeds, k)).items() if value is not None},
             "noise": noise,
             "old_log_density": old_log_density,
             "advantages": advantages,
