@@ -41,7 +41,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest"],
+        "hps": ["ftfy"],  # the HPSv2 reward's prompt cleaning, as open_clip's
+        "test": ["pytest", "ftfy"],
         "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings-python==2.0.11"],
     },
     entry_points={"console_scripts": ["trl-noise-ppo = trl_noise_ppo.cli:main"]},

@@ -1,8 +1,10 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,22 +106,26 @@ def test_train_lora_adapters_on_a_trained_generator(tmp_path, tiny_sd, prompt_fi
 
 
 @pytest.mark.parametrize(
-    "change, error, message",
+    "change, message",
     [
-        ({"--reward_funcs": ["pickscor"]}, ValueError, "Unknown reward 'pickscor'. Known rewards: aesthetic"),
-        ({"--reward_funcs": ["no_such_module.reward"]}, ValueError, "Could not import the reward 'no_such_module.reward'"),
-        ({"--reward_weights": ["1.0", "2.0"]}, ValueError, "2 reward_weights for 1 reward_funcs"),
-        ({"--prompt_column": "caption"}, ValueError, r"has no column 'caption'; its columns are \['text'\]"),
-        ({"--dataset_name": "missing.txt"}, FileNotFoundError, "The prompt dataset 'missing.txt' does not exist"),
-        ({"--pipeline": "./missing_pipeline"}, FileNotFoundError, "The pipeline './missing_pipeline' does not exist"),
-        ({"--learnin_rate": "1e-3"}, ValueError, r"Unknown argument\(s\) \['--learnin_rate'\]"),
+        ({"--reward_funcs": ["pickscor"]}, "Unknown reward 'pickscor'. Known rewards: aesthetic"),
+        ({"--reward_funcs": ["no_such_module.reward"]}, "Could not import the reward 'no_such_module.reward'"),
+        ({"--reward_weights": ["1.0", "2.0"]}, "2 reward_weights for 1 reward_funcs"),
+        ({"--prompt_column": "caption"}, r"has no column 'caption'; its columns are \['text'\]"),
+        ({"--dataset_name": "missing.txt"}, "The prompt dataset 'missing.txt' does not exist"),
+        ({"--pipeline": "./missing_pipeline"}, "The pipeline './missing_pipeline' does not exist"),
+        ({"--learnin_rate": "1e-3"}, r"Unknown argument\(s\) \['--learnin_rate'\]"),
+        ({"--config": "missing.yaml"}, "No such file or directory: 'missing.yaml'"),
+        ({"--config": "typo.yaml"}, "mapping values are not allowed here"),
+        ({"--beta": "nan"}, "beta=nan"),
     ],
     ids=["unknown reward", "unimportable reward", "reward weights", "missing column", "missing prompt file",
-         "missing pipeline", "unknown argument"],
+         "missing pipeline", "unknown argument", "missing config", "yaml typo", "bad value"],
 )
-def test_train_errors_come_before_anything_loads_or_launches(tmp_path, tiny_sd, monkeypatch, change, error, message):
+def test_train_errors_come_before_anything_loads_or_launches_as_one_line(tmp_path, tiny_sd, monkeypatch, capsys, change, message):
     monkeypatch.chdir(tmp_path)
     Path("prompts.jsonl").write_text('{"text": "a cat"}\n')
+    Path("typo.yaml").write_text("max_steps: 2\nlearning_rate: 1e-3: 2\n")
     monkeypatch.setattr("trl_noise_ppo.cli.launch_command", lambda args: pytest.fail("launched"))
     monkeypatch.setattr("diffusers.DiffusionPipeline.from_pretrained", lambda *a, **k: pytest.fail("loaded a pipeline"))
     arguments = {"--pipeline": str(tiny_sd), "--dataset_name": "prompts.jsonl", "--prompt_column": "text",
@@ -127,18 +133,41 @@ def test_train_errors_come_before_anything_loads_or_launches(tmp_path, tiny_sd, 
     argv = ["train"]
     for name, value in arguments.items():
         argv += [name, *value] if isinstance(value, list) else [name, value]
-    with pytest.raises(error, match=message):
-        main(argv)
+    assert main(argv) == 2
+    stderr = capsys.readouterr().err  # the error's line last, after any progress bar of loading the prompts
+    assert stderr.splitlines()[-1].startswith("trl-noise-ppo: error: ") and "Traceback" not in stderr
+    assert re.search(message, stderr.splitlines()[-1]), stderr
+
+
+def test_training_process_dies_with_a_killed_command(tmp_path, tiny_sd, prompt_file):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = subprocess.Popen(
+        [sys.executable, "-m", "trl_noise_ppo.cli", "train", "--pipeline", str(tiny_sd), "--dataset_name", str(prompt_file),
+         "--reward_funcs", "jpeg_compressibility", "--num_inference_steps", "1", "--num_generations", "2",
+         "--per_device_train_batch_size", "2", "--max_steps", "100000", "--save_strategy", "steps", "--save_steps", "1",
+         "--report_to", "none", "--dtype", "float32", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "out" / "checkpoint-2").exists():  # training runs
+        assert time.monotonic() < deadline and command.poll() is None
+        time.sleep(0.2)
+    children = Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text().split()
+    assert children
+    command.kill()
+    command.wait()
+    time.sleep(2)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
 
 
 # ---- evaluate ----
 
 
-def evaluate(tmp_path, generator, steps=("1", "2")):
+def evaluate(tmp_path, generator, steps=("1", "2"), extra=()):
     main(["evaluate", "--noise_generator", str(generator), "--reward_funcs", "tests.test_cli.brightness",
           "jpeg_compressibility", "--judge_funcs", "tests.test_cli.darkness", "--prompts", "a red circle", "a blue square", "--num_inference_steps", *steps,
           "--num_images_per_prompt", "3", "--height", "64", "--width", "64", "--output_dir", str(tmp_path / "eval"),
-          "--device", "cpu"])
+          "--device", "cpu", *extra])
     return json.loads((tmp_path / "eval" / "results.json").read_text())
 
 
@@ -176,6 +205,29 @@ def test_evaluate_pairs_images_by_seed(tmp_path, tiny_sd):
         assert result["tuned_rewards"] == result["base_rewards"]
         assert result["difference"]["ci95"] == [0.0, 0.0]
     assert len(set(report["results"][0]["base_rewards"])) == 6  # and every image has its own seed
+
+
+def test_evaluate_passes_pipeline_kwargs_to_both_pipelines(tmp_path, tiny_sd):
+    generator = generator_for(tiny_sd, tmp_path / "generator", perturbed=False)
+    guided = ["--guidance_scale", "7.5"]
+    plain = evaluate(tmp_path / "plain", generator, steps=("2",), extra=guided)["results"][0]
+    negative = evaluate(tmp_path / "negative", generator, steps=("2",),
+                        extra=[*guided, "--pipeline_kwargs", '{"negative_prompt": "blurry"}'])["results"][0]
+    assert negative["base_rewards"] != plain["base_rewards"]  # the negative prompt reached the base pipeline
+    assert negative["tuned_rewards"] == negative["base_rewards"]  # and the tuned one
+
+
+def test_evaluate_names_missing_reward_weights_before_loading_anything(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from trl_noise_ppo.rewards import MissingWeightsError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    # The generator folder does not exist either: the reward check has to come first to be the error raised.
+    with pytest.raises(MissingWeightsError, match=r"(?s)hf download xswu/HPSv2 .*hf download THUDM/ImageReward "):
+        main(["evaluate", "--noise_generator", str(tmp_path / "absent-generator"), "--reward_funcs", "hpsv2",
+              "imagereward", "--prompts", "a red circle", "--output_dir", str(tmp_path / "eval")])
 
 
 def test_interval_leaves_out_unscored_images():
@@ -234,3 +286,15 @@ def test_reward_names_resolve_without_loading_models():
     assert reward_funcs_from_names(["pickscore", "hpsv2.1", "tests.test_cli.brightness"]) == ["pickscore", "hpsv2.1", brightness]
     with pytest.raises(ValueError, match="No reward given"):
         reward_funcs_from_names([])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompts", "a", "--num_images_per_prompt", "0"], r"--num_images_per_prompt \(got 0\)"),
+        (["evaluate", "--prompts", "a", "--reward_funcs", "jpeg_compressibility", "--num_inference_steps", "0"], r"--num_inference_steps \(got \[0\]\)"),
+    ],
+)
+def test_evaluate_and_generate_refuse_zero_counts_as_one_line(argv, message, capsys):
+    assert main([*argv, "--noise_generator", "missing"]) == 2
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])

@@ -4,12 +4,21 @@ import pytest
 import torch
 from datasets import Dataset
 from diffusers import (
+    AmusedPipeline,
     DDIMPipeline,
     DDPMPipeline,
     IFPipeline,
     KandinskyV22CombinedPipeline,
+    LattePipeline,
+    LDMTextToImagePipeline,
+    OmniGenPipeline,
+    StableCascadeCombinedPipeline,
+    StableCascadeDecoderPipeline,
+    StableCascadePriorPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
+    WanPipeline,
+    WuerstchenPriorPipeline,
 )
 
 from tests.tiny_pipelines import (
@@ -20,18 +29,32 @@ from tests.tiny_pipelines import (
     build_pipeline,
 )
 from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer
-from trl_noise_ppo.noise_injection import check_pipeline_takes_noise, discover_noise_spec, encode_prompts
+from trl_noise_ppo.noise_injection import (
+    check_pipeline_takes_noise,
+    discover_noise_spec,
+    encode_prompts,
+    generator_inputs,
+    generator_config_for,
+)
 
 
 TEXT_FAMILIES = ["sd", "sd_vpred", "sdxl", "lcm", "sd3", "flux", "flux2", "flux2_klein", "pixart_sigma", "sana",
-                 "qwenimage", "auraflow", "lumina2", "cogview4"]
-POOLED_FAMILIES = {"sdxl", "sd3", "flux"}
+                 "qwenimage", "auraflow", "lumina2", "cogview4", "pixart_alpha", "sd_pag", "sdxl_pag", "pixart_sigma_pag",
+                 "flux_kontext", "bria", "chroma", "hunyuandit", "hidream", "zimage", "sana_sprint", "cogview3plus",
+                 "lumina"]
+POOLED_FAMILIES = {"sdxl", "sd3", "flux", "sdxl_pag", "flux_kontext", "hidream"}
 PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square on the left"]})
 
 
 def size_kwargs(family):
     height, width = DEFAULT_SIZE[family]
     return {"height": height, "width": width}
+
+
+def call_kwargs(family):
+    """What a call of the family needs besides the prompt: its size and PROMPT_CALL_KWARGS (HunyuanDiT without
+    resolution binning, Flux Kontext's max_area, the ControlNet's image)."""
+    return {**size_kwargs(family), **PROMPT_CALL_KWARGS.get(family, {})}
 
 
 def brightness(images, **kwargs):
@@ -50,7 +73,7 @@ def tiny_config(tmp_path, family, **overrides):
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_noise_shape_is_discovered(family):
     pipe = build_pipeline(family)
-    spec = discover_noise_spec(pipe, {"prompt": "a cat", "num_inference_steps": 2, **size_kwargs(family)})
+    spec = discover_noise_spec(pipe, {"prompt": "a cat", "num_inference_steps": 2, **call_kwargs(family)})
     assert spec.shape == EXPECTED_LATENT_SHAPE[family][1:]
     assert (spec.token_grid is not None) == (len(spec.shape) == 2)
     if spec.token_grid:
@@ -60,27 +83,48 @@ def test_noise_shape_is_discovered(family):
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_train_save_load_and_infer(family, tmp_path):
     pipe = build_pipeline(family)
-    trainer = NoisePPOTrainer(pipe, brightness, args=tiny_config(tmp_path, family), train_dataset=PROMPTS)
-    embeds = encode_prompts(pipe, ["a red circle"])
+    pipeline_kwargs = PROMPT_CALL_KWARGS.get(family, {})
+    trainer = NoisePPOTrainer(pipe, brightness, args=tiny_config(tmp_path, family, pipeline_kwargs=pipeline_kwargs),
+                              train_dataset=PROMPTS)
+    embeds = generator_inputs(encode_prompts(pipe, ["a red circle"]))
     config = trainer.model.config
     assert config.prompt_embeds_dim == embeds["prompt_embeds"].shape[-1]
     assert (config.pooled_prompt_embeds_dim is not None) == (family in POOLED_FAMILIES)
+    assert tuple(config.noise_shape) == EXPECTED_LATENT_SHAPE[family][1:]
     trainer.train()
     trainer.save_model()
     assert trainer.model.head.weight.abs().sum() > 0
 
-    # the untrained policy reproduces the base pipeline exactly for the same eps
+    # the untrained policy reproduces the base pipeline exactly, for the same seed and for the same eps
     untrained = NoisePPOPipeline(pipe, NoiseGenerator(config))
-    call = {"num_inference_steps": 2, "output_type": "pt", **size_kwargs(family)}
+    call = {"num_inference_steps": 2, "output_type": "pt", **call_kwargs(family)}
+    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    base = pipe(prompt="a red circle", generator=seeded(), **call).images
+    assert torch.equal(untrained(prompt="a red circle", generator=seeded(), **call).images, base)
     eps = torch.randn(1, *EXPECTED_LATENT_SHAPE[family][1:], generator=torch.Generator().manual_seed(0))
-    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731  (LCM draws noise inside its steps)
     base = pipe(prompt="a red circle", latents=eps, generator=seeded(), **call).images
     assert torch.equal(untrained(prompt="a red circle", latents=eps, generator=seeded(), **call).images, base)
 
+    # the saved generator, reloaded, is deterministic for a seed and differs from the base pipeline
     tuned = NoisePPOPipeline(pipe, NoiseGenerator.from_pretrained(trainer.args.output_dir))
     assert not torch.equal(tuned(prompt="a red circle", latents=eps, generator=seeded(), **call).images, base)
+    first, second = (tuned(prompt="a red circle", generator=seeded(), **call).images for _ in range(2))
+    assert torch.equal(first, second)
     images = tuned(prompt=["a red circle", "a cat"], num_images_per_prompt=2, generator=seeded(), **call).images
     assert images.shape == (4, *base.shape[1:]) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_exact_for_the_same_seed_at_a_non_square_size(family):
+    pipe = build_pipeline(family)
+    call = {"prompt": "a red circle", "num_inference_steps": 2, "output_type": "pt", "height": 64, "width": 96}
+    embeds = encode_prompts(pipe, ["a red circle"])
+    spec = discover_noise_spec(pipe, call)
+    untrained = NoisePPOPipeline(pipe, NoiseGenerator(generator_config_for(pipe, spec, embeds)))
+    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    base = pipe(generator=seeded(), **call).images
+    assert base.shape == (1, 3, 64, 96)
+    assert torch.equal(untrained(generator=seeded(), **call).images, base)
 
 
 def test_kandinsky_decoder_is_conditioned_on_image_embeddings(tmp_path):
@@ -107,6 +151,8 @@ def test_kandinsky_decoder_is_conditioned_on_image_embeddings(tmp_path):
     eps = torch.randn(1, *EXPECTED_LATENT_SHAPE["kandinsky22"][1:])
     untrained = NoisePPOPipeline(pipe, NoiseGenerator(trainer.model.config))
     assert torch.equal(untrained(latents=eps, **call).images, pipe(latents=eps, **call).images)
+    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(untrained(generator=seeded(), **call).images, pipe(generator=seeded(), **call).images)
     assert not torch.equal(NoisePPOPipeline(pipe, trainer.model)(latents=eps, **call).images, pipe(latents=eps, **call).images)
 
 
@@ -126,15 +172,15 @@ def test_half_precision_pipeline_with_float32_generator(family, tmp_path):
 def test_stochastic_schedulers_are_seeded(family, tmp_path):
     images = []
     for run in range(2):
-        trainer = NoisePPOTrainer(build_pipeline(family), brightness, args=tiny_config(tmp_path / str(run), family),
-                                  train_dataset=PROMPTS)
+        args = tiny_config(tmp_path / str(run), family, pipeline_kwargs=PROMPT_CALL_KWARGS.get(family, {}))
+        trainer = NoisePPOTrainer(build_pipeline(family), brightness, args=args, train_dataset=PROMPTS)
         rollout = trainer._sample_and_score([{"prompt": "a red circle"}] * 2 + [{"prompt": "a blue square"}] * 2)
         images.append(rollout["advantages"])
     assert torch.equal(*images)
 
     pipe = build_pipeline(family)
     tuned = NoisePPOPipeline(pipe, trainer.model)
-    call = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "pt", **size_kwargs(family)}
+    call = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "pt", **call_kwargs(family)}
     first, second = (tuned(**call, generator=torch.Generator().manual_seed(3)).images for _ in range(2))
     assert torch.equal(first, second)
 
@@ -148,6 +194,15 @@ def test_stochastic_schedulers_are_seeded(family, tmp_path):
         (StableDiffusionImg2ImgPipeline, "input image"),
         (StableDiffusionXLInpaintPipeline, "input image and mask"),
         (KandinskyV22CombinedPipeline, "route `latents` to the prior"),
+        (WanPipeline, "generates video"),
+        (LattePipeline, "generates video"),
+        (WuerstchenPriorPipeline, "it is a prior: its output is image embeddings"),
+        (StableCascadePriorPipeline, "it is a prior: its output is image embeddings"),
+        (StableCascadeDecoderPipeline, "decoder stage of Stable Cascade"),
+        (StableCascadeCombinedPipeline, "two denoising stages"),
+        (AmusedPipeline, "discrete image tokens"),
+        (LDMTextToImagePipeline, "takes its prompt only as text"),
+        (OmniGenPipeline, "takes its prompt only as text"),
     ],
 )
 def test_pipelines_that_cannot_take_noise_are_refused(pipeline_class, reason):
@@ -162,3 +217,57 @@ def test_generator_of_one_family_is_refused_by_another(tmp_path):
     with pytest.raises(ValueError, match="does not fit this StableDiffusionXLPipeline"):
         NoisePPOTrainer(build_pipeline("sdxl"), brightness, args=tiny_config(tmp_path, "sdxl"), train_dataset=PROMPTS,
                         noise_generator=trainer.model)
+
+
+def test_noise_spec_follows_every_call_argument():
+    # PixArt-Alpha bins 64 x 64 to 256 x 256 by default; without binning it draws 64 x 64 noise, which a generator made
+    # for the binned shape does not fit: refused, instead of a stale shape giving a 256 x 256 image
+    pipe = build_pipeline("pixart_alpha")
+    embeds = encode_prompts(pipe, ["a cat"])
+    call = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "pt", **size_kwargs("pixart_alpha")}
+    binned = discover_noise_spec(pipe, call)
+    assert binned.shape == (4, 32, 32)
+    assert discover_noise_spec(pipe, {**call, "use_resolution_binning": False}).shape == (4, 8, 8)
+    tuned = NoisePPOPipeline(pipe, NoiseGenerator(generator_config_for(pipe, binned, embeds)))
+    assert tuned(**call).images.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"makes noise of shape \[4, 32, 32\].*takes \[4, 8, 8\]"):
+        tuned(**call, use_resolution_binning=False)
+
+
+def test_pipeline_kwargs_reach_every_training_call(tmp_path):
+    batch = [{"prompt": "a red circle"}] * 2 + [{"prompt": "a blue square"}] * 2
+    rollouts = []
+    for pipeline_kwargs in ({}, {"negative_prompt": "blurry"}, {}):
+        seen = []
+        trainer = NoisePPOTrainer(build_pipeline("sd"), lambda images, **kw: seen.append(images) or brightness(images),
+                                  args=tiny_config(tmp_path, "sd", guidance_scale=7.5, pipeline_kwargs=pipeline_kwargs),
+                                  train_dataset=PROMPTS)
+        trainer._sample_and_score(batch)
+        rollouts.append(seen[0])
+    assert torch.equal(rollouts[0], rollouts[2]) and not torch.equal(rollouts[0], rollouts[1])
+
+    with pytest.raises(ValueError, match="pipeline_kwargs has \\['max_area'\\].*does not take"):
+        NoisePPOTrainer(build_pipeline("sd"), brightness, args=tiny_config(tmp_path, "sd", pipeline_kwargs={"max_area": 1}),
+                        train_dataset=PROMPTS)
+    with pytest.raises(ValueError, match="pipeline_kwargs sets \\['latents'\\]"):
+        tiny_config(tmp_path, "sd", pipeline_kwargs={"latents": None})
+    assert tiny_config(tmp_path, "sd", pipeline_kwargs='{"negative_prompt": "blurry"}').pipeline_kwargs == {
+        "negative_prompt": "blurry"
+    }
+
+
+def test_controlnet_image_comes_from_a_dataset_column(tmp_path):
+    image = PROMPT_CALL_KWARGS["controlnet_sd"]["image"]
+    with pytest.raises(ValueError, match="fails on the training call.*dataset columns of the argument's name"):
+        NoisePPOTrainer(build_pipeline("controlnet_sd"), brightness, args=tiny_config(tmp_path, "controlnet_sd"),
+                        train_dataset=PROMPTS)
+    pipe = build_pipeline("controlnet_sd")
+    dataset = Dataset.from_dict({"prompt": ["a red circle", "a blue square"], "image": [image, image.rotate(90)]})
+    trainer = NoisePPOTrainer(pipe, brightness, args=tiny_config(tmp_path, "controlnet_sd"), train_dataset=dataset)
+    trainer.train()
+    assert trainer.model.head.weight.abs().sum() > 0
+    call = {"num_inference_steps": 2, "output_type": "pt", "image": image, **size_kwargs("controlnet_sd")}
+    untrained = NoisePPOPipeline(pipe, NoiseGenerator(trainer.model.config))
+    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    base = pipe(prompt="a red circle", generator=seeded(), **call).images
+    assert torch.equal(untrained(prompt="a red circle", generator=seeded(), **call).images, base)

@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig
+from trl_noise_ppo.noise_generator import load_noise_generator
 
 
 ARCHITECTURES = ["pooled_mlp", "token_attention"]
@@ -109,3 +112,25 @@ def test_bad_config_is_refused():
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], prompt_embeds_dim=8, architecture="unet"))
     with pytest.raises(ValueError, match="use architecture='pooled_mlp'"):
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], pooled_prompt_embeds_dim=8, architecture="token_attention"))
+
+
+def test_damaged_generator_folders_are_explained(tmp_path):
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=32, hidden_dim=64)
+    NoiseGenerator(config).save_pretrained(tmp_path / "edited")
+    saved = json.loads((tmp_path / "edited" / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**saved, "architecture": "token_attention"}))
+    with pytest.raises(ValueError, match="do not fit its config.json \\(architecture 'token_attention'\\).*Was config.json edited"):
+        load_noise_generator(tmp_path / "edited")
+
+    NoiseGenerator(config).save_pretrained(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=f"Could not read the weights in {tmp_path / 'truncated'}.*damaged or incomplete"):
+        load_noise_generator(tmp_path / "truncated")
+
+    (tmp_path / "truncated" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no config.json.*no noise generator folder"):
+        load_noise_generator(tmp_path / "truncated")
+
+    with pytest.raises(ValueError, match="hidden_dim=66 is not divisible by 4"):
+        NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=32, hidden_dim=66, architecture="token_attention"))

@@ -1,6 +1,13 @@
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DModel
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    FluxPipeline,
+    HunyuanDiTPipeline,
+    StableDiffusionImg2ImgPipeline,
+    UNet2DModel,
+)
 
 from tests.tiny_pipelines import build_pipeline
 from trl_noise_ppo import NoiseGeneratorConfig
@@ -9,7 +16,10 @@ from trl_noise_ppo.noise_injection import (
     check_generator_fits,
     check_pipeline_takes_noise,
     discover_noise_spec,
+    encode_prompt_call_sites,
     encode_prompts,
+    generator_inputs,
+    pipeline_arguments,
 )
 
 
@@ -34,15 +44,49 @@ def test_noise_spec_follows_pipeline_dtype():
 
 def test_encode_prompts_reads_the_family_embeddings(sd):
     embeds = encode_prompts(sd, ["a cat", "a dog"])
-    assert set(embeds) == {"prompt_embeds"}
+    assert set(embeds) == {"prompt_embeds", "negative_prompt_embeds"}
     assert embeds["prompt_embeds"].shape[:2] == (2, 77)
-    # the same embeddings the pipeline computes for itself
-    expected, _ = sd.encode_prompt(["a cat", "a dog"], "cpu", 1, False)
+    # the same embeddings the pipeline computes for itself, the negative prompt's ("" by default) too
+    expected, expected_negative = sd.encode_prompt(["a cat", "a dog"], "cpu", 1, True)
     torch.testing.assert_close(embeds["prompt_embeds"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(embeds["negative_prompt_embeds"], expected_negative, rtol=0, atol=0)
 
     sdxl_embeds = encode_prompts(build_pipeline("sdxl"), ["a cat"])
-    assert set(sdxl_embeds) == {"prompt_embeds", "pooled_prompt_embeds"}
+    assert set(sdxl_embeds) == {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                                "negative_pooled_prompt_embeds"}
     assert sdxl_embeds["pooled_prompt_embeds"].ndim == 2
+
+
+def test_encode_prompt_calls_are_read_from_the_source():
+    # HunyuanDiT encodes twice, with a constant naming the text encoder; the outputs keep the names __call__ gives them
+    sites = encode_prompt_call_sites(HunyuanDiTPipeline)
+    assert sites[1] == (
+        ("prompt_embeds_2", "negative_prompt_embeds_2", "prompt_attention_mask_2", "negative_prompt_attention_mask_2"),
+        {"max_sequence_length": 256, "text_encoder_index": 1},
+    )
+    assert encode_prompt_call_sites(FluxPipeline)[0][0] == ("prompt_embeds", "pooled_prompt_embeds", "text_ids")
+
+
+def test_generator_inputs_pads_lists_and_reads_any_mask():
+    # Z-Image: one (tokens, width) tensor per prompt; the negative prompts' are not read
+    rows = [torch.ones(3, 4), torch.ones(5, 4)]
+    inputs = generator_inputs({"prompt_embeds": rows, "negative_prompt_embeds": [torch.zeros(7, 4)] * 2})
+    assert inputs["prompt_embeds"].shape == (2, 5, 4)
+    assert inputs["prompt_attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    # Chroma: a float mask; HunyuanDiT: the mask of the first encoder's tokens
+    float_mask = torch.tensor([[1.0, 0.0]])
+    inputs = generator_inputs({"prompt_embeds": torch.ones(1, 2, 4), "prompt_attention_mask": float_mask,
+                               "prompt_embeds_2": torch.ones(1, 3, 8), "prompt_attention_mask_2": torch.ones(1, 3)})
+    assert inputs["prompt_attention_mask"] is float_mask and inputs["prompt_embeds"].shape == (1, 2, 4)
+    assert inputs["pooled_prompt_embeds"] is None
+
+
+def test_embeddings_batched_on_another_axis_are_moved_back(tmp_path):
+    # HiDream's Llama states are (layers, prompts, tokens, width): rows first for the trainer, back for the pipeline
+    pipe = build_pipeline("hidream")
+    embeds = encode_prompts(pipe, ["a cat", "a dog", "a cow"])
+    assert embeds["prompt_embeds_llama3"].shape[0] == 3
+    assert pipeline_arguments(pipe, embeds)["prompt_embeds_llama3"].shape[1] == 3
 
 
 def test_pipelines_without_noise_seam_are_refused(sd):

@@ -1,9 +1,11 @@
 """LoRA adapters on a trained noise generator, through peft."""
 
+import shutil
+
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from tests.tiny_pipelines import build_pipeline
 from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer
@@ -80,3 +82,12 @@ def test_lora_trains_only_adapters_and_reloads(base_generator_dir, tmp_path):
     call["generator"] = torch.Generator().manual_seed(0)
     with_merged = NoisePPOPipeline(pipe, merged)("a red circle", **call).images
     torch.testing.assert_close(with_adapter, with_merged, atol=1e-4, rtol=0)
+
+
+def test_adapter_whose_base_generator_is_gone_is_explained(base_generator_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(base_generator_dir, tmp_path / "base")
+    get_peft_model(NoiseGenerator.from_pretrained(tmp_path / "base"), LoraConfig(r=4, target_modules=LORA_TARGETS)).save_pretrained(adapter)
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match=f"was trained on the generator {tmp_path / 'base'}, which does not exist any more"):
+        load_noise_generator(adapter)

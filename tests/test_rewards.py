@@ -7,12 +7,16 @@ import base64
 import io
 import json
 import math
+import os
 import string
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -33,6 +37,7 @@ from trl_noise_ppo.rewards import (
     MissingWeightsError,
     PickScoreReward,
     call_reward_funcs,
+    check_reward_files,
     resolve_reward_funcs,
 )
 from trl_noise_ppo.rewards.preprocessing import normalize, resize_longest_side_and_pad
@@ -51,6 +56,13 @@ def smooth_images(count: int, height: int, width: int, seed: int = 0) -> torch.T
     coarse = torch.rand(count, 3, max(height // 8, 2), max(width // 8, 2), generator=generator)
     images = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     return (images * 255).round() / 255
+
+
+def textured_images(count: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Images with detail at every scale (half smooth, half pixel noise) on the uint8 grid: what downscaling by 4
+    or more has to antialias."""
+    noise = torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed + 1))
+    return ((smooth_images(count, height, width, seed) + noise) / 2 * 255).round() / 255
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -75,15 +87,50 @@ def torchvision_resize_center_crop(image: Image.Image, size: int) -> torch.Tenso
     return pil_to_normalized_tensor(image.crop((left, top, left + size, top + size)))
 
 
-def open_clip_resize_max_size(image: Image.Image, size: int) -> torch.Tensor:
-    """HPSv2's transform, open_clip's ResizeMaxSize(size, fill=0) + ToTensor + Normalize, by hand."""
-    width, height = image.size
+def cubic(x: float, a: float) -> float:
+    """The bicubic convolution kernel with parameter `a` (Keys 1981)."""
+    x = abs(x)
+    if x <= 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    return a * (((x - 5) * x + 8) * x - 4) if x < 2 else 0.0
+
+
+def torchvision_bicubic_matrix(in_size: int, out_size: int, antialias: bool) -> torch.Tensor:
+    """(out, in) weights of torchvision's `F.resize(float_tensor, size, BICUBIC, antialias=...)` along one axis.
+
+    With antialias (PyTorch's `_upsample_bicubic2d_aa`, PIL's filter): a = -0.5, the kernel widened by the
+    downscaling factor, taps clipped to the image and normalised to sum 1. Without (`upsample_bicubic2d`): a = -0.75,
+    four taps around `scale * (i + 0.5) - 0.5`, indices clamped to the border.
+    """
+    scale = in_size / out_size
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        if antialias:
+            support, center = 2 * max(scale, 1), scale * (i + 0.5)
+            taps = range(max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size))
+            weights = torch.tensor([cubic((j - center + 0.5) / max(scale, 1), -0.5) for j in taps])
+            matrix[i, taps.start : taps.stop] = weights / weights.sum()
+        else:
+            source = scale * (i + 0.5) - 0.5
+            for j in range(math.floor(source) - 1, math.floor(source) + 3):
+                matrix[i, min(max(j, 0), in_size - 1)] += cubic(source - j, -0.75)
+    return matrix
+
+
+def hpsv2_transform(image: Image.Image, size: int, antialias: bool) -> torch.Tensor:
+    """`hpsv2`'s validation transform, by hand: ToTensor, then open_clip's ResizeMaxSize(size, fill=0) on the float
+    tensor (torchvision's bicubic `F.resize`, no rounding, then `F.pad` with zeros), then Normalize."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float64) / 255).permute(2, 0, 1)
+    height, width = pixels.shape[1:]
     scale = size / max(height, width)
-    new_height, new_width = round(height * scale), round(width * scale)
-    canvas = Image.new("RGB", (size, size))
-    offset = ((size - new_width) // 2, (size - new_height) // 2)
-    canvas.paste(image.resize((new_width, new_height), Image.BICUBIC), offset)
-    return pil_to_normalized_tensor(canvas)
+    if scale != 1.0:
+        new_height, new_width = round(height * scale), round(width * scale)
+        rows = torchvision_bicubic_matrix(height, new_height, antialias)
+        columns = torchvision_bicubic_matrix(width, new_width, antialias)
+        pixels = rows @ pixels @ columns.T
+        pad_h, pad_w = size - new_height, size - new_width
+        pixels = F.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    return normalize(pixels.float(), CLIP_MEAN, CLIP_STD)
 
 
 def perturb_(model: nn.Module, scale: float = 0.1) -> nn.Module:
@@ -96,7 +143,7 @@ def perturb_(model: nn.Module, scale: float = 0.1) -> nn.Module:
 
 def save_clip_tokenizer(folder) -> CLIPTokenizer:
     """A CLIP BPE tokenizer over single characters; the special tokens come last, as in CLIP's vocabulary."""
-    characters = list(string.ascii_lowercase + string.digits + ".,!")
+    characters = list(string.ascii_lowercase + string.digits + ".,!&';")
     tokens = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
@@ -108,8 +155,8 @@ def save_clip_tokenizer(folder) -> CLIPTokenizer:
 def tiny_clip_config(projection_dim: int) -> CLIPConfig:
     return CLIPConfig(
         text_config=dict(
-            vocab_size=80, hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, hidden_act="gelu", bos_token_id=78, eos_token_id=79, pad_token_id=79,
+            vocab_size=86, hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, hidden_act="gelu", bos_token_id=84, eos_token_id=85, pad_token_id=85,
         ),
         vision_config=dict(
             hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=224,
@@ -136,13 +183,13 @@ def clip_folder(tmp_path_factory):
     return folder
 
 
-def reference_clip_embeddings(folder, images, prompts):
+def reference_clip_embeddings(folder, images, prompts, processor_folder=None):
     """Normalised embeddings by transformers' own processor (on PIL images) and public feature methods."""
     model = CLIPModel.from_pretrained(folder).eval()
-    pixel_values = CLIPImageProcessorPil.from_pretrained(folder)(
+    pixel_values = CLIPImageProcessorPil.from_pretrained(processor_folder or folder)(
         images=[to_pil(image) for image in images], return_tensors="pt"
     ).pixel_values
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(processor_folder or folder)
     text = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.no_grad():
         image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
@@ -153,9 +200,10 @@ def reference_clip_embeddings(folder, images, prompts):
 # ---------------------------------------------------------------- preprocessing against the reference recipes
 
 
-@pytest.mark.parametrize("height, width", [(64, 64), (96, 160), (300, 200)])
-def test_clip_preprocessing_matches_transformers_processor(height, width):
-    images = smooth_images(2, height, width)
+@pytest.mark.parametrize("height, width, make_images", [(64, 64, smooth_images), (96, 160, smooth_images),
+                                                         (300, 200, smooth_images), (1024, 1024, textured_images)])
+def test_clip_preprocessing_matches_transformers_processor(height, width, make_images):
+    images = make_images(2, height, width)
     reference = CLIPImageProcessorPil()(images=[to_pil(image) for image in images], return_tensors="pt").pixel_values
     ours = normalize(resize_shortest_side_and_center_crop(images, 224, 224, 224), CLIP_MEAN, CLIP_STD)
     assert ours.shape == reference.shape == (2, 3, 224, 224)
@@ -165,26 +213,32 @@ def test_clip_preprocessing_matches_transformers_processor(height, width):
     assert (difference > 1e-4).float().mean() < 0.05
 
 
-@pytest.mark.parametrize("height, width", [(512, 512), (96, 160), (300, 200)])
-def test_imagereward_preprocessing_matches_torchvision_recipe(height, width):
-    images = smooth_images(2, height, width, seed=1)
+@pytest.mark.parametrize("height, width, make_images", [(512, 512, smooth_images), (96, 160, smooth_images),
+                                                         (300, 200, smooth_images), (1216, 832, smooth_images),
+                                                         (1024, 1024, textured_images)])
+def test_imagereward_preprocessing_matches_torchvision_recipe(height, width, make_images):
+    # At 832 x 1216 the resized image is 224 x 327: torchvision's CenterCrop starts at round(51.5) = 52, not 51.
+    images = make_images(2, height, width, seed=1)
     reference = torch.stack([torchvision_resize_center_crop(to_pil(image), 224) for image in images])
-    ours = normalize(resize_shortest_side_and_center_crop(images, 224, 224, 224), CLIP_MEAN, CLIP_STD)
+    ours = resize_shortest_side_and_center_crop(images, 224, 224, 224, round_crop_offset=True)
+    ours = normalize(ours, CLIP_MEAN, CLIP_STD)
     difference = (ours - reference).abs()
     assert difference.max() <= 2.01 * ONE_LEVEL
     assert (difference > 1e-4).float().mean() < 0.05
 
 
-@pytest.mark.parametrize("height, width", [(100, 160), (160, 100), (101, 160), (224, 224)])
-def test_hps_preprocessing_resizes_longest_side_and_zero_pads_to_square(height, width):
-    images = smooth_images(2, height, width, seed=2)
-    reference = torch.stack([open_clip_resize_max_size(to_pil(image), 224) for image in images])
-    ours = normalize(resize_longest_side_and_pad(images, 224), CLIP_MEAN, CLIP_STD)
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("height, width, make_images", [(100, 160, smooth_images), (160, 100, smooth_images),
+                                                         (101, 160, smooth_images), (224, 224, smooth_images),
+                                                         (512, 512, textured_images), (1024, 768, textured_images)])
+def test_hps_preprocessing_is_hpsv2s_float_tensor_resize(height, width, make_images, antialias):
+    # The trainer's images are floats; HPS is given them as PIL images, i.e. quantised to uint8 first.
+    images = make_images(2, height, width, seed=2) + 0.3 / 255
+    reference = torch.stack([hpsv2_transform(to_pil(image), 224, antialias) for image in images])
+    ours = normalize(resize_longest_side_and_pad(images, 224, antialias=antialias), CLIP_MEAN, CLIP_STD)
     assert ours.shape == (2, 3, 224, 224)
-    difference = (ours - reference).abs()
-    assert difference.max() <= 2.01 * ONE_LEVEL
-    assert (difference > 1e-4).float().mean() < 0.05
-    # The padding is black before normalisation: HPS pads PIL images with fill=0.
+    assert (ours - reference).abs().max() < ONE_LEVEL / 20  # float32 rounding only: no uint8 rounding anywhere
+    # The padding is black before normalisation: HPS pads with fill=0.
     pad_top = (224 - round(height * 224 / max(height, width))) // 2
     black = normalize(torch.zeros(3, 1, 1), CLIP_MEAN, CLIP_STD)
     assert torch.allclose(ours[:, :, :pad_top], black.expand(2, 3, pad_top, 224))
@@ -202,11 +256,62 @@ def test_clipscore_and_pickscore_match_reference(clip_folder):
     assert clipscore.device is None
     rewards = clipscore(images=images, prompts=PROMPTS, trainer_state=None, extra_column=[1, 2, 3])
     assert clipscore.device == images.device
-    assert rewards == pytest.approx((100 * cosine).clamp(min=0).tolist(), abs=1e-3)
+    # Tolerance: PIL's fixed-point resize rounds a few pixels a level apart from the tensor recipe.
+    assert rewards == pytest.approx((100 * cosine).clamp(min=0).tolist(), abs=3e-3)
 
     pickscore = PickScoreReward(model_id=str(clip_folder), processor_id=str(clip_folder), batch_size=1)
     expected = model.logit_scale.exp().item() * cosine
-    assert pickscore(images=images, prompts=PROMPTS) == pytest.approx(expected.tolist(), abs=1e-3)
+    assert pickscore(images=images, prompts=PROMPTS) == pytest.approx(expected.tolist(), abs=3e-3)
+
+
+def test_clipscore_offers_hessels_original_settings(clip_folder):
+    # Hessel et al.'s clipscore.py: w * max(cos, 0) with w = 2.5 and the caption after "A photo depicts ".
+    images = smooth_images(3, 64, 96, seed=12)
+    prompts = ["a cat", "two dogs, 3 birds!", "a red car"]
+    image_embeds, text_embeds, _ = reference_clip_embeddings(
+        clip_folder, images, ["A photo depicts " + prompt for prompt in prompts]
+    )
+    expected = 2.5 * (image_embeds * text_embeds).sum(-1).clamp(min=0)
+    reward = CLIPScoreReward(model_id=str(clip_folder), weight=2.5, prefix="A photo depicts ")
+    assert reward(images=images, prompts=prompts) == pytest.approx(expected.tolist(), abs=1e-3)
+    assert resolve_reward_funcs("clipscore_hessel")[0].model_id == "openai/clip-vit-base-patch32"
+
+
+def test_pickscore_reads_tokenizer_and_image_processor_from_processor_id(clip_folder, tmp_path):
+    # As PickScore_v1's README: the model from one repository, the processor from another. Here the processor's
+    # recipe differs from the model folder's (256 px shorter side, mean and std 0.5), so using the wrong one shows.
+    model_folder, processor_folder = tmp_path / "model", tmp_path / "processor"
+    CLIPModel.from_pretrained(clip_folder).save_pretrained(model_folder)  # weights and config only
+    processor_folder.mkdir()
+    save_clip_tokenizer(processor_folder)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 256}, crop_size=224, image_mean=[0.5] * 3,
+                                      image_std=[0.5] * 3)
+    processor.save_pretrained(processor_folder)
+    images = smooth_images(2, 96, 128, seed=13)
+    prompts = PROMPTS[:2]
+    image_embeds, text_embeds, model = reference_clip_embeddings(model_folder, images, prompts, processor_folder)
+    expected = model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)
+    reward = PickScoreReward(model_id=str(model_folder), processor_id=str(processor_folder))
+    assert reward(images=images, prompts=prompts) == pytest.approx(expected.tolist(), abs=1e-3)
+
+
+def test_pickscore_keeps_its_scale_in_float32_in_bfloat16(clip_folder, tmp_path):
+    # PickScore's logit_scale is log(100); in bf16 it would be 4.594, whose exponential is 99.0.
+    model = CLIPModel.from_pretrained(clip_folder)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+    model.save_pretrained(tmp_path)
+    save_clip_tokenizer(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text((clip_folder / "preprocessor_config.json").read_text())
+    images = smooth_images(3, 64, 64, seed=14)
+    bf16 = dict(model_id=str(tmp_path), dtype=torch.bfloat16)
+    # The same bf16 model, scored as 100 * cosine (CLIPScore clamps at 0: compare where the cosine is positive).
+    hundred_cosines = CLIPScoreReward(**bf16)(images=images, prompts=PROMPTS)
+    pickscores = PickScoreReward(**bf16, processor_id=None)(images=images, prompts=PROMPTS)
+    positive = [(pick, clip) for pick, clip in zip(pickscores, hundred_cosines, strict=True) if clip > 0]
+    assert positive, "the test needs an image with a positive cosine"
+    for pickscore, hundred_cosine in positive:
+        assert pickscore == pytest.approx(hundred_cosine, rel=1e-5)
 
 
 def test_aesthetic_matches_ddpo_recipe(clip_folder, tmp_path):
@@ -281,7 +386,7 @@ class OpenCLIPVisionTransformer(nn.Module):
 class OpenCLIP(nn.Module):
     """open_clip's CLIP (ViT image tower, causal text tower), small."""
 
-    def __init__(self, embed_dim=16, vocab_size=80, context_length=77):
+    def __init__(self, embed_dim=16, vocab_size=86, context_length=77):
         super().__init__()
         self.visual = OpenCLIPVisionTransformer(64, 4, 2, patch_size=56, image_size=224, embed_dim=embed_dim)
         self.token_embedding = nn.Embedding(vocab_size, 32)
@@ -311,20 +416,62 @@ def hps_folders(tmp_path_factory):
     return checkpoint_folder, config_folder, model
 
 
-def test_hpsv2_scores_open_clip_checkpoint_like_open_clip(hps_folders):
+def open_clip_clean(text: str) -> str:
+    """open_clip's tokenizer.py, `whitespace_clean(basic_clean(text))`."""
+    import html
+    import re
+
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+def test_hpsv2_scores_open_clip_checkpoint_like_open_clip(hps_folders, antialias):
     checkpoint_folder, config_folder, model = hps_folders
-    images = smooth_images(3, 96, 160, seed=7)
+    images = textured_images(3, 300, 200, seed=7)
+    prompts = PROMPTS[:2] + ["it’s a ﬁsh &amp;amp; a cat"]
     tokenizer = CLIPTokenizer.from_pretrained(config_folder)
-    # open_clip's tokenizer: 77 tokens, zero padding, the end-of-text token kept when truncating.
-    tokens = torch.zeros(len(PROMPTS), 77, dtype=torch.long)
-    for row, ids in enumerate(tokenizer(PROMPTS, truncation=True, max_length=77).input_ids):
+    # open_clip's tokenizer: cleaned text, 77 tokens, zero padding, the end-of-text token kept when truncating.
+    tokens = torch.zeros(len(prompts), 77, dtype=torch.long)
+    cleaned = [open_clip_clean(prompt) for prompt in prompts]
+    for row, ids in enumerate(tokenizer(cleaned, truncation=True, max_length=77).input_ids):
         tokens[row, : len(ids)] = torch.tensor(ids)
-    pixels = torch.stack([open_clip_resize_max_size(to_pil(image), 224) for image in images])
+    pixels = torch.stack([hpsv2_transform(to_pil(image), 224, antialias) for image in images])
     with torch.no_grad():
         expected = (F.normalize(model.visual(pixels), dim=-1) * F.normalize(model.encode_text(tokens), dim=-1)).sum(-1)
 
-    reward = HPSv2Reward(model_id=str(checkpoint_folder), config_id=str(config_folder), batch_size=2)
-    assert reward(images=images, prompts=PROMPTS) == pytest.approx(expected.tolist(), abs=1e-3)
+    reward = HPSv2Reward(
+        model_id=str(checkpoint_folder), config_id=str(config_folder), batch_size=2, antialias=antialias
+    )
+    assert reward(images=images, prompts=prompts) == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_hpsv2_cleans_prompts_as_open_clip(hps_folders):
+    # Each pair differs only by what open_clip's ftfy.fix_text, double html.unescape and whitespace folding undo.
+    checkpoint_folder, config_folder, _ = hps_folders
+    pairs = [
+        ("a cat &amp; a dog", "a cat & a dog"),
+        ("a cat &amp;amp; a dog", "a cat & a dog"),
+        ("it’s a cat", "it's a cat"),  # curly apostrophe
+        ("a ﬁsh", "a fish"),  # ligature
+        ("ｃａｔ on a mat", "cat on a mat"),  # full-width letters
+        ("  a cat\n\t on   a mat ", "a cat on a mat"),
+    ]
+    prompts = [prompt for pair in pairs for prompt in pair]
+    images = smooth_images(1, 64, 64, seed=15).expand(len(prompts), -1, -1, -1)
+    reward = HPSv2Reward(model_id=str(checkpoint_folder), config_id=str(config_folder))
+    scores = reward(images=images, prompts=prompts)
+    for (raw, clean), raw_score, clean_score in zip(pairs, scores[::2], scores[1::2], strict=True):
+        assert raw_score == pytest.approx(clean_score, abs=1e-6), (raw, clean)
+    assert len(set(round(score, 4) for score in scores[1::2])) > 1  # the prompts do move the score
+
+
+def test_hpsv2_without_ftfy_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # makes `import ftfy` fail
+    with pytest.raises(ImportError, match="pip install ftfy"):
+        HPSv2Reward()
 
 
 def test_hpsv2_refuses_a_checkpoint_with_unknown_weights(hps_folders, tmp_path):
@@ -387,6 +534,43 @@ class BLIPViT(nn.Module):
         return self.norm(x)
 
 
+def med_bert_text_encoder(weights, input_ids, attention_mask, image_tokens, heads, eps):
+    """BLIP's `med.py` BertModel in "multimodal" mode, by hand on its state dict: embeddings (word + absolute
+    position, LayerNorm; no token types), then per layer self-attention, cross-attention to the image tokens and the
+    feed-forward block, each followed by a residual LayerNorm. Returns the last hidden states."""
+
+    def linear(x, name):
+        return x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
+
+    def layer_norm(x, name):
+        return F.layer_norm(x, x.shape[-1:], weights[f"{name}.weight"], weights[f"{name}.bias"], eps)
+
+    def attention(x, context, mask, name):  # BertAttention: BertSelfAttention then BertSelfOutput
+        def split(t):
+            return t.view(len(t), -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        q, k, v = (split(linear(y, f"{name}.self.{part}")) for y, part in ((x, "query"), (context, "key"),
+                                                                           (context, "value")))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + (1.0 - mask[:, None, None, :]) * -10000.0
+        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape)
+        return layer_norm(linear(out, f"{name}.output.dense") + x, f"{name}.output.LayerNorm")
+
+    positions = torch.arange(input_ids.shape[1])
+    embeddings = weights["embeddings.word_embeddings.weight"][input_ids]
+    x = layer_norm(embeddings + weights["embeddings.position_embeddings.weight"][positions], "embeddings.LayerNorm")
+    text_mask, image_mask = attention_mask.float(), torch.ones(image_tokens.shape[:2])
+    layer = 0
+    while f"encoder.layer.{layer}.attention.self.query.weight" in weights:
+        name = f"encoder.layer.{layer}"
+        x = attention(x, x, text_mask, f"{name}.attention")
+        x = attention(x, image_tokens, image_mask, f"{name}.crossattention")
+        hidden = F.gelu(linear(x, f"{name}.intermediate.dense"))
+        x = layer_norm(linear(hidden, f"{name}.output.dense") + x, f"{name}.output.LayerNorm")
+        layer += 1
+    assert layer == 2
+    return x
+
+
 @pytest.fixture(scope="module")
 def imagereward_folders(tmp_path_factory):
     """(checkpoint folder in THUDM/ImageReward's layout, bert tokenizer folder, reference parts)."""
@@ -426,20 +610,18 @@ def imagereward_folders(tmp_path_factory):
 
 def test_imagereward_matches_reference_scorer(imagereward_folders):
     folder, tokenizer_folder, (vit, text_encoder, mlp, tokenizer) = imagereward_folders
-    images = smooth_images(3, 128, 96, seed=9)
+    # 152 x 104 resizes to 327 x 224, where torchvision's CenterCrop offset, round(51.5) = 52, is not floor's 51.
+    images = textured_images(3, 152, 104, seed=9)
     prompts = ["a photo of a cat", "two dogs!", "cat " * 40]  # the last is cut at 35 tokens
     # ImageReward.score: PIL transform, bert tokens padded to 35, cross-attention, MLP on [CLS], z-score.
     pixels = torch.stack([torchvision_resize_center_crop(to_pil(image), 224) for image in images])
     text = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
         image_tokens = vit(pixels)
-        features = text_encoder(
-            input_ids=text.input_ids,
-            attention_mask=text.attention_mask,
-            encoder_hidden_states=image_tokens,
-            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long),
-        ).last_hidden_state[:, 0]
-        expected = (mlp(features).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+        hidden_states = med_bert_text_encoder(
+            text_encoder.state_dict(), text.input_ids, text.attention_mask, image_tokens, heads=2, eps=1e-12
+        )
+        expected = (mlp(hidden_states[:, 0]).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
 
     reward = ImageReward(model_id=str(folder), tokenizer_id=str(tokenizer_folder), batch_size=2)
     assert reward.__name__ == "imagereward"
@@ -460,6 +642,43 @@ def test_missing_weights_offline_name_the_repository_and_the_fix(imagereward_fol
     reward = ImageReward(model_id=str(tmp_path), tokenizer_id=str(tokenizer_folder))  # a folder without the weights
     with pytest.raises(MissingWeightsError, match=str(tmp_path)):
         reward(images=images, prompts=["a cat"])
+
+
+@pytest.fixture
+def empty_offline_hub_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache, as on a fresh offline machine."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+
+
+def test_check_reward_files_names_every_missing_repository_and_file_at_once(empty_offline_hub_cache):
+    rewards = resolve_reward_funcs(["hpsv2", "imagereward", "aesthetic", "clipscore", "jpeg_compressibility"])
+    with pytest.raises(MissingWeightsError) as error:
+        check_reward_files(rewards)
+    message = str(error.value)
+    for command in [
+        "hf download xswu/HPSv2 HPS_v2_compressed.pt\n",
+        "hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K config.json tokenizer.json tokenizer_config.json\n",
+        "hf download THUDM/ImageReward ImageReward.pt med_config.json\n",
+        "hf download bert-base-uncased tokenizer.json tokenizer_config.json\n",
+        "hf download openai/clip-vit-large-patch14 config.json model.safetensors tokenizer.json tokenizer_config.json "
+        "preprocessor_config.json\n",
+        "hf download trl-lib/ddpo-aesthetic-predictor aesthetic-model.pth\n",
+    ]:
+        assert command in message
+    assert message.count("hf download") == 6  # CLIP ViT-L/14 once, though aesthetic and clipscore both need it
+    assert "openai/clip-vit-large-patch14: config.json, model.safetensors" in message
+    assert "(as aesthetic's model_id=, aesthetic's processor_id=, clipscore's model_id=" in message
+    assert "HF_HUB_OFFLINE is set" in message
+
+
+def test_check_reward_files_passes_complete_folders_and_names_a_folders_missing_file(clip_folder, tmp_path):
+    check_reward_files([CLIPScoreReward(model_id=str(clip_folder)), JPEGCompressibilityReward(), lambda **kw: [0.0]])
+    reward = AestheticReward(model_id=str(clip_folder), predictor_id=str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=rf"{tmp_path}: aesthetic-model.pth \(as aesthetic's predictor_id=\)"):
+        check_reward_files([reward])
 
 
 # ---------------------------------------------------------------- JPEG
@@ -483,7 +702,7 @@ def test_jpeg_rewards_prefer_flat_or_busy_images():
 
 class ScriptedRewardServer:
     """A reward server on 127.0.0.1 that answers each POST by a script: "fail" (HTTP 500), "hang" (answers after
-    0.5 s), or "ok" (each image's mean brightness plus its prompt's length). After the script, it answers "ok"."""
+    0.5 s), "short" (an answer shorter than its Content-Length), "trickle" (40 bytes, one per 0.1 s), or "ok" (each image's mean brightness plus its prompt's length). After the script, it answers "ok"."""
 
     def __init__(self, script):
         self.script, self.requests = list(script), []
@@ -499,6 +718,25 @@ class ScriptedRewardServer:
                     return
                 if action == "hang":
                     time.sleep(0.5)
+                if action == "short":  # promises more bytes than it sends, then closes
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"rewards": [')
+                    self.close_connection = True
+                    return
+                if action == "trickle":  # a byte every 0.1 s: each read is quick, the whole answer is not
+                    self.send_response(200)
+                    self.send_header("Content-Length", "40")
+                    self.end_headers()
+                    for _ in range(40):
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except (BrokenPipeError, ConnectionResetError):
+                            return
+                        time.sleep(0.1)
+                    return
                 rewards = [
                     np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.float64).mean() / 255 + len(p)
                     for png, p in zip(payload["images"], payload["prompts"], strict=True)
@@ -558,6 +796,27 @@ def test_http_reward_gives_up_after_timeouts(loopback_without_proxy):
     assert len(server.requests) == 2
 
 
+def test_http_reward_timeout_bounds_the_whole_request(loopback_without_proxy):
+    with ScriptedRewardServer(["trickle", "trickle"]) as server:
+        reward = HTTPReward(server.url, timeout=0.5, retries=1, backoff=0.01)
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match="2 requests .* failed; the last with TimeoutError"):
+            reward(images=smooth_images(1, 16, 16), prompts=["a"])
+        assert time.perf_counter() - start < 1.5  # two requests of 0.5 s; the trickle alone takes 4 s each
+
+
+def test_http_reward_retries_an_answer_cut_short(loopback_without_proxy):
+    with ScriptedRewardServer(["short"]) as server:
+        rewards = HTTPReward(server.url, timeout=5, retries=1, backoff=0.01)(images=smooth_images(1, 16, 16), prompts=["a"])
+    assert len(server.requests) == 2 and len(rewards) == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(retries=-1), dict(batch_size=0), dict(timeout=0)])
+def test_http_reward_refuses_impossible_settings(kwargs):
+    with pytest.raises(ValueError, match="HTTPReward needs batch_size >= 1, retries >= 0, timeout > 0"):
+        HTTPReward("http://127.0.0.1:1/score", **kwargs)
+
+
 # ---------------------------------------------------------------- calling reward functions
 
 
@@ -598,6 +857,10 @@ def test_async_rewards_run_concurrently_and_columns_keep_order():
         ([1.0, float("nan")], "returned nan for image 1"),
         ([float("inf"), 1.0], "returned inf for image 0"),
         (1.0, "returned float, not a list"),
+        ([1e300, 1.0], r"returned 1e\+300 for image 0 \(prompt 'a'\), beyond float32's range"),
+        ({0: 1.0, 1: 2.0}, "returned dict, not a list"),
+        (["0.5", "0.7"], "returned '0.5' for image 0, not a number"),
+        (torch.zeros(2, 3), r"returned a tensor of shape \(2, 3\), not one reward per image"),
     ],
 )
 def test_call_reward_funcs_rejects_bad_outputs_naming_the_function(output, message):
@@ -616,7 +879,7 @@ def test_async_reward_outputs_are_validated_too():
         call_reward_funcs([faulty_async], torch.zeros(2, 3, 8, 8), ["a", "b"])
 
 
-# ---------------------------------------------------------------- names
+# ---------------------------------------------------------------- names and import
 
 
 def test_resolve_reward_funcs_by_name_and_callable():
@@ -634,3 +897,11 @@ def test_resolve_reward_funcs_by_name_and_callable():
         resolve_reward_funcs(["pickscor"])
     with pytest.raises(TypeError, match="a name or a callable"):
         resolve_reward_funcs([3])
+
+
+def test_importing_the_package_prints_nothing():
+    command = "import trl_noise_ppo, trl_noise_ppo.shapes, trl_noise_ppo.rewards, trl_noise_ppo.shapes.reward"
+    result = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""

@@ -201,13 +201,15 @@ def test_encode_prompt_takes_text(name):
     def first_tensor(prompt):
         out = pipe.encode_prompt(prompt=prompt, **kwargs)
         out = out if isinstance(out, tuple) else (out,)
-        tensors = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        # Z-Image returns a list of variable-length embeddings per prompt
+        flat = [t for o in out for t in (o if isinstance(o, list) else [o])]
+        tensors = [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
         assert tensors, f"{name}: encode_prompt returned no embeddings"
         return tensors[0]
 
     a = first_tensor([PROMPT])
     b = first_tensor(["a blue sphere on the grass, at night"])
-    assert a.shape[0] == 1 and torch.isfinite(a).all()
+    assert (a.shape[0] == 1 or a.ndim == 2) and torch.isfinite(a).all()
     assert not (a.shape == b.shape and torch.equal(a, b))
 
 
@@ -220,6 +222,8 @@ def test_save_and_reload_offline(name, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
+    if "default_sample_size" in vars(pipe):  # an instance attribute, not kept by save_pretrained (see _finish)
+        loaded.default_sample_size = pipe.default_sample_size
     assert type(loaded) is type(pipe)
     latents = torch.randn(EXPECTED_LATENT_SHAPE[name], generator=torch.Generator("cpu").manual_seed(1))
     a = _call(pipe, name, latents=latents.clone(), num_inference_steps=1)

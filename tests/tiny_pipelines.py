@@ -32,6 +32,17 @@ qwenimage       QwenImagePipeline               (1, 64, 16)          PACKED late
 auraflow        AuraFlowPipeline                (1, 4, 32, 32)       UMT5
 lumina2         Lumina2Pipeline                 (1, 4, 8, 8)         Gemma; VAE x8 hard-coded
 cogview4        CogView4Pipeline                (1, 4, 32, 32)       GLM
+pixart_alpha    PixArtAlphaPipeline             (1, 4, 32, 32)       PixArt-Sigma's parts, binned
+sd_pag          StableDiffusionPAGPipeline      (1, 4, 32, 32)       sd's parts, PAG on "mid"
+sdxl_pag        StableDiffusionXLPAGPipeline    (1, 4, 32, 32)       sdxl's parts, PAG on "mid"
+pixart_sigma_pag PixArtSigmaPAGPipeline         (1, 4, 32, 32)       pixart_sigma's parts
+flux_kontext    FluxKontextPipeline             (1, 256, 16)         flux's parts; PACKED; max_area
+controlnet_sd   StableDiffusionControlNetPipeline (1, 4, 32, 32)     needs ``image=``
+bria            BriaPipeline                    (1, 256, 16)         T5; PACKED
+chroma          ChromaPipeline                  (1, 256, 16)         T5, FLOAT mask; PACKED
+hunyuandit      HunyuanDiTPipeline              (1, 4, 8, 8)         BERT + T5; binning off
+hidream         HiDreamImagePipeline            (1, 4, 8, 8)         CLIP x2 + T5 + Llama
+zimage          ZImagePipeline                  (1, 16, 32, 32)      Qwen-3; LIST of embeddings
 ==============  ==============================  ===================  ============================
 
 Tables for tests:
@@ -43,7 +54,9 @@ Tables for tests:
 - ``EXPECTED_LATENT_SHAPE[name]``: the ``latents=`` shape for batch 1 at ``DEFAULT_SIZE``.
   ``randn`` of it, given as ``latents=``, reproduces the pipeline's own default call with the same
   generator seed, except for the packed families (see ``UNPACKED_NOISE_SHAPE``) and LCM.
-- ``PROMPT_CALL_KWARGS[name]``: extra call arguments; only Kandinsky 2.2 needs any.
+- ``PROMPT_CALL_KWARGS[name]``: extra call arguments: Kandinsky 2.2's image embeddings, the
+  ControlNet's conditioning ``image``, Flux Kontext's ``max_area`` (else it generates at 1
+  megapixel) and HunyuanDiT's ``use_resolution_binning=False`` (else 64 px is binned to 1024 px).
 - ``TEXT_PROMPT_FAMILIES``: the families that take ``prompt=`` and ``encode_prompt(text)``.
 - ``RAW_PT_OUTPUT_FAMILIES``, ``STOCHASTIC_SAMPLER_FAMILIES``, ``INIT_NOISE_SIGMA_FAMILIES``,
   ``UNPACKED_NOISE_SHAPE``, ``BINNED_GENERATION_SIZE``: the quirks below.
@@ -1232,6 +1245,407 @@ def build_cogview4() -> DiffusionPipeline:
 
 
 # --------------------------------------------------------------------------------------------
+# Families added for issue 13: variants built from the components above, and families with
+# several text encoders, float masks or variable-length embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def _four_block_vae(latent_channels: int = 4, **kw):
+    """AutoencoderKL with VAE scale factor 8 (4 blocks of 4 channels)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        **kw,
+    )
+
+
+def build_pixart_alpha() -> DiffusionPipeline:
+    """PixArt-Alpha on PixArt-Sigma's components and DDIM: binning ON, 64 x 64 generated at 256 x 256."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+    # DDIM: with one step PixArt-Alpha reads the scheduler's predicted original sample, which DPM-Solver lacks
+    components = {**build_pixart_sigma().components, "scheduler": DDIMScheduler()}
+    return _finish(PixArtAlphaPipeline(**components))
+
+
+def build_sd_pag() -> DiffusionPipeline:
+    from diffusers import StableDiffusionPAGPipeline
+
+    return _finish(StableDiffusionPAGPipeline(**_sd_components(), pag_applied_layers=["mid"]))
+
+
+def build_sdxl_pag() -> DiffusionPipeline:
+    from diffusers import StableDiffusionXLPAGPipeline
+
+    return _finish(StableDiffusionXLPAGPipeline(**build_sdxl().components, pag_applied_layers=["mid"]))
+
+
+def build_pixart_sigma_pag() -> DiffusionPipeline:
+    from diffusers import PixArtSigmaPAGPipeline
+
+    return _finish(PixArtSigmaPAGPipeline(**build_pixart_sigma().components))  # PAG on its default "blocks.1"
+
+
+def build_flux_kontext() -> DiffusionPipeline:
+    """Flux Kontext on Flux's components; text-to-image without a reference image, or with one (``image=``)."""
+    from diffusers import FluxKontextPipeline
+
+    return _finish(FluxKontextPipeline(**build_flux().components), default_size=64)
+
+
+def build_controlnet_sd() -> DiffusionPipeline:
+    """SD 1.x with a ControlNet: needs its conditioning ``image=`` (64 x 64) on every call."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=32,
+        conditioning_embedding_out_channels=(16, 32),
+        norm_num_groups=2,
+    )
+    return _finish(StableDiffusionControlNetPipeline(**_sd_components(), controlnet=controlnet))
+
+
+def build_bria() -> DiffusionPipeline:
+    """Bria 3.2: T5 only, packed latents like Flux."""
+    from diffusers import BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.bria import BriaPipeline
+
+    torch.manual_seed(0)
+    transformer = BriaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=None,
+        axes_dims_rope=[0, 4, 4],
+    )
+    pipe = BriaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(latent_channels=4),
+        text_encoder=_t5_encoder(d_model=32),
+        tokenizer=_t5_tokenizer(),
+    )
+    return _finish(pipe, default_size=64)
+
+
+def build_chroma() -> DiffusionPipeline:
+    """Chroma: T5 only, packed latents, a FLOAT attention mask."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+        approximator_num_channels=16,
+    )
+    pipe = ChromaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(latent_channels=4),
+        text_encoder=_t5_encoder(d_model=32),
+        tokenizer=_t5_tokenizer(),
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _finish(pipe, default_size=64)
+
+
+def _bert_tokenizer_and_model(hidden_size: int = 32):
+    """A BERT WordPiece tokenizer over single characters (offline vocab file) and a tiny BertModel."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = tempfile.mkdtemp(prefix="tiny_bert_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    characters = [chr(c) for c in range(33, 127)]
+    with open(os.path.join(directory, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters]) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(directory, model_max_length=512)
+    torch.manual_seed(0)
+    model = BertModel(
+        BertConfig(vocab_size=128, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=37, max_position_embeddings=512),
+        add_pooling_layer=False,
+    )
+    return tokenizer, model
+
+
+def build_hunyuandit() -> DiffusionPipeline:
+    """HunyuanDiT: BERT + T5, each with its own embeddings and mask (``prompt_embeds_2``). Its
+    resolution binning maps 64 x 64 to 1024 x 1024: call it with ``use_resolution_binning=False``
+    (``PROMPT_CALL_KWARGS``)."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    torch.manual_seed(0)
+    transformer = HunyuanDiT2DModel(
+        sample_size=16,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        in_channels=4,
+        cross_attention_dim=32,
+        cross_attention_dim_t5=32,
+        pooled_projection_dim=16,
+        hidden_size=24,
+        activation_fn="gelu-approximate",
+    )
+    tokenizer, text_encoder = _bert_tokenizer_and_model(hidden_size=32)
+    pipe = HunyuanDiTPipeline(
+        transformer=transformer,
+        vae=_four_block_vae(),
+        scheduler=DDPMScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(d_model=32),
+        tokenizer_2=_t5_tokenizer(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+def build_hidream() -> DiffusionPipeline:
+    """HiDream-I1: CLIP x 2 (pooled), T5 and Llama-3 (per-layer states: (layers, batch, tokens, dim)).
+    It rescales every request to the area of ``default_sample_size`` (set here to 64 px)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=[32, 16],
+        text_emb_dim=64,
+        num_routed_experts=4,
+        num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(32, 32),
+        llama_layers=(0, 1),
+    )
+    clip_config = _clip_text_config(max_position_embeddings=128)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(0)
+    text_encoder_4 = LlamaForCausalLM(
+        LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    )
+    llama_tokenizer = _byte_bpe_tokenizer(["<pad>", "<s>", "</s>"], bos="<s>", eos="</s>", pad="<pad>",
+                                          prepend=("<s>",), model_max_length=128)
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_four_block_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=_t5_encoder(d_model=32),
+        tokenizer_3=_t5_tokenizer(),
+        text_encoder_4=text_encoder_4,
+        tokenizer_4=llama_tokenizer,
+        transformer=transformer,
+    )
+    return _finish(pipe, default_size=64)  # it rescales every request to the area of its default size
+
+
+def build_zimage() -> DiffusionPipeline:
+    """Z-Image: Qwen-3; ``encode_prompt`` returns a LIST of variable-length embeddings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # created with torch.empty: fixed so that outputs are deterministic
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(
+        Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, vocab_size=300, max_position_embeddings=512)
+    )
+    pipe = ZImagePipeline(
+        transformer=transformer,
+        vae=_zimage_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=_qwen_tokenizer(),
+    )
+    return _finish(pipe)
+
+
+def _zimage_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[16, 16],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=16,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+
+
+def build_sana_sprint() -> DiffusionPipeline:
+    """SANA-Sprint (timestep-distilled, guidance embedded) on Sana's text encoder and DC-AE. It bins only
+    at 1024 px (``sample_size=32``): call it with ``use_resolution_binning=False`` and, for other than 2
+    steps, ``intermediate_timesteps=None`` (``PROMPT_CALL_KWARGS``)."""
+    from diffusers import SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+
+    sana = build_sana()
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=32,
+        qk_norm="rms_norm_across_heads",
+        guidance_embeds=True,
+    )
+    pipe = SanaSprintPipeline(
+        tokenizer=sana.tokenizer,
+        text_encoder=sana.text_encoder,
+        vae=sana.vae,
+        transformer=transformer,
+        scheduler=SCMScheduler(),
+    )
+    return _finish(pipe)
+
+
+def build_cogview3plus() -> DiffusionPipeline:
+    """CogView3-Plus: T5; a 4-block VAE (scale factor 8) keeps 64 px within the tiny positional table."""
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        out_channels=4,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        condition_dim=2,
+        pos_embed_max_size=8,
+        sample_size=8,
+    )
+    pipe = CogView3PlusPipeline(
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5_encoder(d_model=32),
+        vae=_four_block_vae(),
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+    return _finish(pipe)
+
+
+def build_lumina() -> DiffusionPipeline:
+    """Lumina-Next (Lumina 1): Gemma, a 4-block VAE (scale factor 8)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
+
+    lumina2 = build_lumina2()
+    torch.manual_seed(0)
+    transformer = LuminaNextDiT2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        learn_sigma=True,
+        qk_norm=True,
+        cross_attention_dim=8,
+        scaling_factor=1.0,
+    )
+    with torch.no_grad():  # created with torch.empty: fixed so that builds are identical
+        transformer.pad_token.copy_(torch.ones_like(transformer.pad_token))
+    pipe = LuminaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_four_block_vae(),
+        text_encoder=lumina2.text_encoder,
+        tokenizer=lumina2.tokenizer,
+    )
+    return _finish(pipe)
+
+
+def _control_image(size: int = 64):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+# --------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------
 
@@ -1251,6 +1665,20 @@ FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
     "auraflow": build_auraflow,
     "lumina2": build_lumina2,
     "cogview4": build_cogview4,
+    "pixart_alpha": build_pixart_alpha,
+    "sd_pag": build_sd_pag,
+    "sdxl_pag": build_sdxl_pag,
+    "pixart_sigma_pag": build_pixart_sigma_pag,
+    "flux_kontext": build_flux_kontext,
+    "controlnet_sd": build_controlnet_sd,
+    "bria": build_bria,
+    "chroma": build_chroma,
+    "hunyuandit": build_hunyuandit,
+    "hidream": build_hidream,
+    "zimage": build_zimage,
+    "sana_sprint": build_sana_sprint,
+    "cogview3plus": build_cogview3plus,
+    "lumina": build_lumina,
 }
 
 DEFAULT_SIZE: dict[str, tuple[int, int]] = {name: (64, 64) for name in FAMILIES}
@@ -1271,11 +1699,32 @@ EXPECTED_LATENT_SHAPE: dict[str, tuple[int, ...]] = {
     "auraflow": (1, 4, 32, 32),
     "lumina2": (1, 4, 8, 8),  # pipeline hard-codes VAE scale factor 8
     "cogview4": (1, 4, 32, 32),
+    "pixart_alpha": (1, 4, 32, 32),  # binned to 256 x 256 like PixArt-Sigma
+    "sd_pag": (1, 4, 32, 32),
+    "sdxl_pag": (1, 4, 32, 32),
+    "pixart_sigma_pag": (1, 4, 32, 32),
+    "flux_kontext": (1, 256, 16),  # packed like Flux
+    "controlnet_sd": (1, 4, 32, 32),
+    "bria": (1, 256, 16),  # packed like Flux
+    "chroma": (1, 256, 16),  # packed like Flux
+    "hunyuandit": (1, 4, 8, 8),  # VAE scale factor 8, binning off
+    "hidream": (1, 4, 8, 8),  # VAE scale factor 8
+    "zimage": (1, 16, 32, 32),  # VAE scale factor 2
+    "sana_sprint": (1, 4, 2, 2),  # binning off, DC-AE scale factor 32
+    "cogview3plus": (1, 4, 8, 8),  # VAE scale factor 8
+    "lumina": (1, 4, 8, 8),  # VAE scale factor 8
 }
 
 PROMPT_CALL_KWARGS: dict[str, dict] = {
     # the decoder takes CLIP image embeddings (B, 32) instead of a prompt
     "kandinsky22": {"image_embeds": _kandinsky_embeds(0), "negative_image_embeds": _kandinsky_embeds(1)},
+    # binning would generate 64 x 64 at 1024 x 1024
+    "hunyuandit": {"use_resolution_binning": False},
+    # SCM's default intermediate timestep works with exactly 2 steps only
+    "sana_sprint": {"use_resolution_binning": False, "intermediate_timesteps": None},
+    # the conditioning image, and Kontext's area (default 1 megapixel: the requested 64 x 64 is rescaled to it)
+    "controlnet_sd": {"image": _control_image()},
+    "flux_kontext": {"max_area": 64 * 64},
 }
 
 # Families that take a text ``prompt=`` (and whose ``encode_prompt`` takes text).
@@ -1286,9 +1735,9 @@ TEXT_PROMPT_FAMILIES: tuple[str, ...] = tuple(n for n in FAMILIES if n != "kandi
 # (x * 0.5 + 0.5).clamp(0, 1) to compare with other families.
 RAW_PT_OUTPUT_FAMILIES: frozenset[str] = frozenset({"kandinsky22"})
 
-# Families whose scheduler draws fresh noise inside ``scheduler.step`` (LCM with > 1 step): a
+# Families whose scheduler draws fresh noise inside ``scheduler.step`` (LCM with > 1 step, DDPM, SCM): a
 # fixed ``latents=`` does not fix the image unless ``generator=`` is fixed too.
-STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm"})
+STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm", "hunyuandit", "sana_sprint"})
 
 # Families that multiply given latents by ``scheduler.init_noise_sigma`` (pass unit-variance noise,
 # never pre-scale). 1.0 for DDIM/DPM/LCM; for SDXL's Euler it is set by ``set_timesteps``
@@ -1303,6 +1752,9 @@ INIT_NOISE_SIGMA_FAMILIES: frozenset[str] = frozenset(
 UNPACKED_NOISE_SHAPE: dict[str, tuple[int, ...]] = {
     "flux": (1, 4, 32, 32),
     "qwenimage": (1, 1, 4, 16, 16),  # with a frame axis
+    "flux_kontext": (1, 4, 32, 32),
+    "bria": (1, 4, 32, 32),
+    "chroma": (1, 4, 32, 32),
 }
 
 # Families that snap (height, width) to an aspect-ratio bin before drawing noise (default

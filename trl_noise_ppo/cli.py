@@ -8,13 +8,18 @@ The `trl-noise-ppo` command:
 `train` launches its script through `accelerate launch`, as `trl grpo` does: the arguments its dataclasses do not know
 (`--num_processes`, `--multi_gpu`, `--config_file`, ... on the command line or as keys of the `--config` YAML) go to
 accelerate. `evaluate` and `generate` run in this process, on one device.
+
+A mistake in the arguments (unknown flag, YAML error, missing file, bad value) prints one line and exits with code 2, as
+`trl` and `accelerate` do; an error after that is a bug or a failure and keeps its traceback.
 """
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 
+import yaml
 from accelerate.commands.launch import launch_command, launch_command_parser
 
 from .scripts import train
@@ -27,8 +32,29 @@ COMMANDS = {
 }
 
 
+# What a mistake in the arguments raises while they are parsed and checked
+USER_ERRORS = (ValueError, OSError, yaml.YAMLError)
+# The training processes read it to die with this command (see scripts/train.py)
+LAUNCHER_PID_VARIABLE = "TRL_NOISE_PPO_LAUNCHER_PID"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        command, command_args = parse_command(argv)
+    except USER_ERRORS as error:
+        print(f"trl-noise-ppo: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    if command is None:
+        return 0
+    if command == "train":
+        return launch(command_args)
+    command.main(*command_args)
+    return 0
+
+
+def parse_command(argv: list[str]) -> tuple:
+    """The command (`"train"` or a script module, None for help) and its checked arguments."""
     parser = argparse.ArgumentParser(prog="trl-noise-ppo", description="Noise PPO for text-to-image pipelines.")
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, help_text in COMMANDS.items():
@@ -36,18 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     command = parser.parse_known_args(argv)[0].command
     if command is None:
         parser.print_help()
-        return 0
+        return None, None
     command_args = argv[argv.index(command) + 1 :]
     if command == "train":
-        return launch_train(command_args)
+        return "train", train_launch_arguments(command_args)
     script = importlib.import_module(f"trl_noise_ppo.scripts.{command}")
-    script.main(*script.make_parser(prog=f"trl-noise-ppo {command}").parse_args_and_config(command_args))
-    return 0
+    return script, script.make_parser(prog=f"trl-noise-ppo {command}").parse_args_and_config(command_args)
 
 
-def launch_train(args: list[str]) -> int:
-    """Checks the training arguments here, so that mistakes show before any process starts, then runs the training
-    script under `accelerate launch` with the arguments it does not know."""
+def train_launch_arguments(args: list[str]) -> argparse.Namespace:
+    """Checks the training arguments here, so that mistakes show before any process starts; returns the arguments of
+    `accelerate launch`, with the training script and the arguments accelerate does not know."""
     *parsed, config_remaining, cli_remaining = train.make_parser(prog="trl-noise-ppo train").parse_args_and_config(
         args, return_remaining_strings=True, separate_remaining_strings=True
     )
@@ -61,9 +86,11 @@ def launch_train(args: list[str]) -> int:
         )
     train.check_arguments(*parsed)
     script_args = _without_subsequence(args, cli_remaining)
-    accelerate_args = launch_parser.parse_args(
-        config_remaining + cli_remaining + ["--module", "trl_noise_ppo.scripts.train"] + script_args
-    )
+    return launch_parser.parse_args(config_remaining + cli_remaining + ["--module", "trl_noise_ppo.scripts.train"] + script_args)
+
+
+def launch(accelerate_args: argparse.Namespace) -> int:
+    os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())  # inherited by the training processes
     try:
         launch_command(accelerate_args)
     except subprocess.CalledProcessError as error:

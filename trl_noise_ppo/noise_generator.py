@@ -1,6 +1,7 @@
 """The noise generator: a prompt-conditioned Gaussian policy over a pipeline's initial noise."""
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -107,6 +108,9 @@ class PooledMLPGridEncoder(nn.Module):
         return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
 
 
+TOKEN_ATTENTION_HEADS = 4
+
+
 class TokenAttentionGridEncoder(nn.Module):
     """Prompt -> grid by cross-attention: each grid cell is a learned query over the prompt's token embeddings (the
     pooled embedding, where the pipeline has one, is added to every query)."""
@@ -118,6 +122,11 @@ class TokenAttentionGridEncoder(nn.Module):
                 "The token_attention architecture reads per-token prompt embeddings, which this pipeline does not "
                 "have (it is conditioned on one embedding): use architecture='pooled_mlp'."
             )
+        if config.hidden_dim % TOKEN_ATTENTION_HEADS:
+            raise ValueError(
+                f"The token_attention architecture splits hidden_dim over {TOKEN_ATTENTION_HEADS} attention heads; "
+                f"hidden_dim={config.hidden_dim} is not divisible by {TOKEN_ATTENTION_HEADS}. Use e.g. {TOKEN_ATTENTION_HEADS * 64}."
+            )
         self.config = config
         self.queries = nn.Parameter(torch.randn(config.grid_size**2, config.hidden_dim) * 0.02)
         self.token_norm = nn.LayerNorm(config.prompt_embeds_dim)
@@ -126,7 +135,7 @@ class TokenAttentionGridEncoder(nn.Module):
             self.pooled_projection = nn.Sequential(
                 nn.LayerNorm(config.pooled_prompt_embeds_dim), nn.Linear(config.pooled_prompt_embeds_dim, config.hidden_dim)
             )
-        self.attention = nn.MultiheadAttention(config.hidden_dim, num_heads=4, batch_first=True)
+        self.attention = nn.MultiheadAttention(config.hidden_dim, num_heads=TOKEN_ATTENTION_HEADS, batch_first=True)
         self.to_grid = nn.Sequential(nn.LayerNorm(config.hidden_dim), nn.Linear(config.hidden_dim, config.grid_channels))
 
     def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
@@ -253,11 +262,40 @@ def load_noise_generator(pretrained_model_name_or_path: str, **kwargs) -> nn.Mod
     `NoisePPOTrainer(peft_config=...)`), which is then composed with the base generator its config names.
     """
     path = str(pretrained_model_name_or_path)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "adapter_config.json")):
+        raise FileNotFoundError(
+            f"{path} holds no config.json (nor a LoRA adapter_config.json): it is no noise generator folder. Pass the "
+            "folder that `save_model` wrote."
+        )
     try:
         from peft import PeftConfig, PeftModel
 
         adapter_config = PeftConfig.from_pretrained(path, **kwargs)
     except (ImportError, ValueError, OSError):
-        return NoiseGenerator.from_pretrained(path, **kwargs)
-    base = NoiseGenerator.from_pretrained(adapter_config.base_model_name_or_path, **kwargs)
-    return PeftModel.from_pretrained(base, path, **kwargs)
+        return _generator_matching_its_config(path, **kwargs)
+    base_path = adapter_config.base_model_name_or_path
+    if os.path.isabs(base_path) and not os.path.isdir(base_path):
+        raise FileNotFoundError(
+            f"The LoRA adapter {path} was trained on the generator {base_path}, which does not exist any more. Restore "
+            "that folder, or set base_model_name_or_path in its adapter_config.json to where the generator is now."
+        )
+    return PeftModel.from_pretrained(_generator_matching_its_config(base_path, **kwargs), path, **kwargs)
+
+
+def _generator_matching_its_config(path: str, **kwargs) -> NoiseGenerator:
+    """`NoiseGenerator.from_pretrained`, refusing weights that do not fit the config (an edited config.json would
+    otherwise load with modules left randomly initialised) and naming the file a damaged weight file is."""
+    try:
+        generator, info = NoiseGenerator.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as error:
+        if not type(error).__module__.startswith("safetensors"):
+            raise
+        raise OSError(f"Could not read the weights in {path} ({error}): the file is damaged or incomplete; save it again.") from error
+    mismatched = info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys")
+    if mismatched:
+        raise ValueError(
+            f"The weights in {path} do not fit its config.json (architecture {generator.config.architecture!r}): missing "
+            f"{sorted(info['missing_keys'])[:3]}, unexpected {sorted(info['unexpected_keys'])[:3]}, mismatched "
+            f"{list(info.get('mismatched_keys') or [])[:3]}. Was config.json edited? Restore the one saved with the weights."
+        )
+    return generator

@@ -3,34 +3,71 @@
 Two things differ from family to family and are discovered from the pipeline itself rather than tabulated:
 
 - the exact shape and dtype of the initial noise (latent channels, VAE scale factor, resolution binning, packing): a
-  dry run of the pipeline's own `__call__` stops at `prepare_latents` and reads what it returns;
-- the prompt embeddings: the pipeline's own `encode_prompt` is called once per prompt, and its outputs are sorted by
-  what they are (per-token embeddings, pooled embedding, attention mask) and passed back to the pipeline under the
-  names its `__call__` takes, so the text encoders run once.
+  dry run of the pipeline's own `__call__`, with the call's own arguments, stops at `prepare_latents` and reads what it
+  returns; the same dry run draws `eps` with the caller's `generator` exactly as the pipeline would;
+- the prompt embeddings: the pipeline's own `encode_prompt` is called once per prompt, the way its `__call__` calls it
+  (read from the source: the names it assigns the outputs to, the constants it passes), and every output whose name is
+  an argument of `__call__` is passed back under that name, so the text encoders run once.
 
 Pipelines that cannot start from a given noise are refused up front, with the reason and what to use instead.
 """
 
+import ast
+import functools
 import inspect
 import math
+import re
+import textwrap
+import weakref
 from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
 
 from .noise_generator import NoiseGeneratorConfig
 
 
-# Pipelines whose `__call__` takes `latents` but cannot be steered by the initial noise alone.
+# Pipelines whose `__call__` takes `latents` but cannot be steered by the initial noise alone, by a part of their name.
 REFUSED_PIPELINE_NAME_PARTS = {
     "Img2Img": "it starts from an input image, not from pure noise; use the text-to-image pipeline of the family",
     "Inpaint": "it starts from an input image and mask, not from pure noise; use the text-to-image pipeline",
+    "PriorPipeline": (
+        "it is a prior: its output is image embeddings for a decoder, not an image a reward can score; use a "
+        "text-to-image pipeline"
+    ),
+    "CascadeDecoder": (
+        "it is the decoder stage of Stable Cascade, conditioned on the prior's image embeddings, whose own noise "
+        "decides the image's content; use a single-stage text-to-image pipeline"
+    ),
+    "WuerstchenDecoder": (
+        "it is the decoder stage of Wuerstchen, conditioned on the prior's image embeddings, whose own noise decides "
+        "the image's content; use a single-stage text-to-image pipeline"
+    ),
+    "StableCascade": (
+        "Stable Cascade makes an image in two denoising stages (a prior, then a decoder), each from its own initial "
+        "noise, and `latents` reach only the prior; use a single-stage text-to-image pipeline"
+    ),
+    "Wuerstchen": (
+        "Wuerstchen makes an image in two denoising stages (a prior, then a decoder), each from its own initial noise, "
+        "and `latents` reach only the prior; use a single-stage text-to-image pipeline"
+    ),
     "Combined": (
         "combined Kandinsky pipelines route `latents` to the prior, not to the image decoder; use the decoder "
         "pipeline (for example KandinskyV22Pipeline) with image embeddings"
     ),
     "IFPipeline": "DeepFloyd IF generates in pixel space through a cascade of stages; no single initial noise decides it",
+    "Amused": (
+        "aMUSEd generates discrete image tokens by masked token prediction: its `latents` are token ids, not Gaussian "
+        "noise"
+    ),
 }
+
+# `__call__` arguments that make a pipeline's output a video.
+VIDEO_ARGUMENTS = ("num_frames", "video_length")
+
+# `__call__` arguments that `encode_prompts` turns into embeddings.
+ENCODED_PROMPT_ARGUMENT = re.compile(r"(negative_)?prompt(_\d)?")
 
 
 # Pipelines whose `output_type="pt"` images are the decoder's raw output in about [-1, 1] instead of [0, 1].
@@ -52,9 +89,10 @@ class NoiseSpec:
 
 
 class _LatentsPrepared(Exception):
-    def __init__(self, latents: torch.Tensor, arguments: dict):
+    def __init__(self, latents: torch.Tensor, arguments: dict, draws: list[torch.Tensor]):
         self.latents = latents
         self.arguments = arguments
+        self.draws = draws
 
 
 def _token_grid(sequence_length: int, height: int | None, width: int | None) -> tuple[int, int]:
@@ -79,43 +117,85 @@ def check_pipeline_takes_noise(pipeline: DiffusionPipeline) -> None:
     for part, reason in REFUSED_PIPELINE_NAME_PARTS.items():
         if part in name:
             raise ValueError(f"{name} cannot be fine-tuned with Noise PPO: {reason}.")
-    if "latents" not in call_parameters(pipeline):
+    parameters = call_parameters(pipeline)
+    video = [argument for argument in VIDEO_ARGUMENTS if argument in parameters]
+    if video:
+        raise ValueError(
+            f"{name} cannot be fine-tuned with Noise PPO: it generates video (its `__call__` takes `{video[0]}`), and "
+            "Noise PPO's rewards score images. Use a text-to-image pipeline."
+        )
+    if "latents" not in parameters:
         raise ValueError(
             f"{name}.__call__ has no `latents` argument, so its initial noise cannot be chosen. Noise PPO needs a "
             "text-to-image pipeline that accepts `latents=` (for example StableDiffusionPipeline, "
             "StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline)."
         )
+    if not hasattr(pipeline, "encode_prompt") and not any(p.endswith("image_embeds") for p in parameters):
+        raise ValueError(
+            f"{name} cannot be fine-tuned with Noise PPO: it takes its prompt only as text (it has no `encode_prompt` "
+            "and no `prompt_embeds` argument), so the noise generator cannot read the pipeline's own prompt "
+            "embeddings. Use a text-to-image pipeline that takes `prompt_embeds=`."
+        )
 
 
-def discover_noise_spec(pipeline: DiffusionPipeline, call_kwargs: dict) -> NoiseSpec:
-    """
-    Runs `pipeline(**call_kwargs)` up to `prepare_latents` and returns the noise it takes as `latents`, one sample's
-    worth. The call is cut short there, so no denoising step runs. `call_kwargs` should hold the prompt (or prompt
-    embeddings) and everything that decides the resolution (`height`, `width`).
+def _first(prepared):
+    return prepared[0] if isinstance(prepared, tuple) else prepared
 
-    `prepare_latents` returns the noise in the layout the denoiser reads. Most pipelines take `latents` in that same
-    layout; some take it unpacked and pack it themselves (Flux.2: `(channels, rows, columns)` in, `(patches, channels)`
-    out). Each candidate layout is therefore tried on `prepare_latents` itself, and the first it accepts is the one.
-    """
+
+def _run_to_prepare_latents(pipeline: DiffusionPipeline, call_kwargs: dict) -> _LatentsPrepared:
+    """Calls `pipeline(**call_kwargs)` until `prepare_latents` has run, and returns what it returned, the arguments it
+    was given and the noise it drew through its module's `randn_tensor` (the function every diffusers pipeline draws its
+    initial noise with)."""
+    prepare_latents = type(pipeline).prepare_latents
+    module_namespace = prepare_latents.__globals__
+    draws = []
+
+    def recorded_randn_tensor(*args, **kwargs):
+        draws.append(randn_tensor(*args, **kwargs))
+        return draws[-1]
 
     def prepare_latents_and_stop(*args, **kwargs):
-        arguments = inspect.signature(type(pipeline).prepare_latents).bind(pipeline, *args, **kwargs).arguments
-        prepared = type(pipeline).prepare_latents(**arguments)
-        raise _LatentsPrepared(prepared[0] if isinstance(prepared, tuple) else prepared, arguments)
+        arguments = inspect.signature(prepare_latents).bind(pipeline, *args, **kwargs).arguments
+        drawing = module_namespace.get("randn_tensor")
+        if drawing is randn_tensor:
+            module_namespace["randn_tensor"] = recorded_randn_tensor
+        try:
+            prepared = prepare_latents(**arguments)
+        finally:
+            if drawing is randn_tensor:
+                module_namespace["randn_tensor"] = drawing
+        raise _LatentsPrepared(_first(prepared), arguments, draws)
 
     pipeline.prepare_latents = prepare_latents_and_stop
     try:
         pipeline(**call_kwargs)
     except _LatentsPrepared as stop:
-        prepared, arguments = stop.latents, stop.arguments
-    else:
-        raise RuntimeError(
-            f"{type(pipeline).__name__} finished without calling `prepare_latents`, so its noise shape cannot be "
-            "discovered. Please open an issue with the pipeline class."
-        )
+        return stop
     finally:
         del pipeline.prepare_latents
+    raise RuntimeError(
+        f"{type(pipeline).__name__} finished without calling `prepare_latents`, so its noise shape cannot be "
+        "discovered. Please open an issue with the pipeline class."
+    )
 
+
+def _prepare_given(pipeline: DiffusionPipeline, arguments: dict, latents: torch.Tensor) -> torch.Tensor:
+    # what the pipeline makes of `latents` given by the caller; a throwaway generator keeps the caller's untouched
+    throwaway = torch.Generator(device=torch.device(arguments.get("device") or "cpu")).manual_seed(0)
+    generator = arguments.get("generator")
+    if isinstance(generator, list):
+        throwaway = [throwaway] * len(generator)
+    arguments = {**arguments, "latents": latents}
+    if "generator" in arguments:
+        arguments["generator"] = throwaway
+    return _first(type(pipeline).prepare_latents(**arguments))
+
+
+def _noise_spec(pipeline: DiffusionPipeline, stop: _LatentsPrepared) -> NoiseSpec:
+    # `prepare_latents` returns the noise in the layout the denoiser reads. Most pipelines take `latents` in that same
+    # layout; some take it unpacked and pack it themselves (Flux.2: `(channels, rows, columns)` in, `(patches,
+    # channels)` out). Each candidate layout is therefore tried on `prepare_latents` itself.
+    prepared, arguments = stop.latents, stop.arguments
     candidates = [NoiseSpec(tuple(prepared.shape[1:]), prepared.dtype, prepared.device)]
     if prepared.ndim == 3:
         patches, features = prepared.shape[1:]
@@ -128,10 +208,9 @@ def discover_noise_spec(pipeline: DiffusionPipeline, call_kwargs: dict) -> Noise
         if len(spec.shape) == 3 or spec.token_grid is not None:
             given = torch.zeros(prepared.shape[0], *spec.shape, dtype=spec.dtype, device=spec.device)
             try:
-                accepted = type(pipeline).prepare_latents(**{**arguments, "latents": given})
+                accepted = _prepare_given(pipeline, arguments, given)
             except (RuntimeError, ValueError, TypeError):
                 continue
-            accepted = accepted[0] if isinstance(accepted, tuple) else accepted
             if accepted.shape == prepared.shape:
                 return spec
     raise ValueError(
@@ -141,19 +220,70 @@ def discover_noise_spec(pipeline: DiffusionPipeline, call_kwargs: dict) -> Noise
     )
 
 
-@torch.no_grad()
-def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwargs) -> dict[str, torch.Tensor]:
+def discover_noise_spec(pipeline: DiffusionPipeline, call_kwargs: dict) -> NoiseSpec:
     """
-    Encodes `prompts` once with the pipeline's own `encode_prompt` (no classifier-free guidance: only the prompts'
-    own embeddings) and returns them under the names the pipeline's `__call__` accepts: `prompt_embeds` (batch, tokens,
-    dim), and where the family has them `pooled_prompt_embeds` (batch, dim) and the mask of real tokens
-    (`prompt_attention_mask`, or `prompt_embeds_mask` for Qwen-Image).
+    Runs `pipeline(**call_kwargs)` up to `prepare_latents` and returns the noise it takes as `latents`, one sample's
+    worth. The call is cut short there, so no denoising step runs. `call_kwargs` should be those of the real call: every
+    argument that reaches `prepare_latents` (`height`, `width`, `use_resolution_binning`, `max_area`, ...) can change
+    the shape.
+    """
+    return _noise_spec(pipeline, _run_to_prepare_latents(pipeline, call_kwargs))
 
-    Arguments that `encode_prompt` shares with `__call__` (`max_sequence_length`, `clip_skip`, Sana's
-    `complex_human_instruction`, ...) take their value from `call_kwargs`, else `__call__`'s default, so that the
-    embeddings are those the pipeline would compute for itself.
+
+def draw_noise(pipeline: DiffusionPipeline, call_kwargs: dict) -> tuple[NoiseSpec, torch.Tensor]:
     """
-    encode_parameters = inspect.signature(pipeline.encode_prompt).parameters
+    The noise spec of `pipeline(**call_kwargs)` (see `discover_noise_spec`) and `eps`, the unit Gaussian noise of the
+    whole batch in that layout, drawn by the pipeline's own `prepare_latents` from `call_kwargs["generator"]`: given as
+    `latents`, it makes the pipeline prepare exactly the noise it would have drawn itself, so the same seed gives the
+    same image. The generator is left as the pipeline's own call would leave it, for schedulers that draw in their steps.
+    """
+    stop = _run_to_prepare_latents(pipeline, call_kwargs)
+    spec = _noise_spec(pipeline, stop)
+    # The noise drawn (Flux.2: before packing) or the noise prepared (Flux: packed after drawing; SD: scaled by
+    # init_noise_sigma, so not this one) is eps when the pipeline, given it, prepares the same noise.
+    for candidate in [*stop.draws, stop.latents]:
+        if tuple(candidate.shape) == (stop.latents.shape[0], *spec.shape):
+            if torch.equal(_prepare_given(pipeline, stop.arguments, candidate), stop.latents):
+                return spec, candidate.to(spec.dtype)
+    raise ValueError(
+        f"{type(pipeline).__name__}.prepare_latents draws its noise in a way Noise PPO cannot reproduce as `latents`, "
+        "so the same seed would not give the same image. Pass `latents=` (unit Gaussian noise of shape "
+        f"{[stop.latents.shape[0], *spec.shape]}) instead of a seed, and please open an issue with the pipeline class."
+    )
+
+
+@functools.cache
+def encode_prompt_call_sites(pipeline_class: type) -> tuple[tuple[tuple[str, ...], dict], ...]:
+    """
+    How `pipeline_class.__call__` calls `self.encode_prompt`, read from its source: for each call, the names it assigns
+    the outputs to (`prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(...)`) and the constant keyword
+    arguments it passes (HunyuanDiT: `text_encoder_index=1, max_sequence_length=256` for its second text encoder).
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(pipeline_class.__call__))
+    except (OSError, TypeError):
+        return ()
+    sites = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and node.value.func.attr == "encode_prompt"
+        ):
+            target = node.targets[0]
+            elements = target.elts if isinstance(target, ast.Tuple) else [target]
+            names = tuple(element.id if isinstance(element, ast.Name) else "_" for element in elements)
+            constants = {k.arg: k.value.value for k in node.value.keywords if k.arg and isinstance(k.value, ast.Constant)}
+            sites.append((names, constants))
+    return tuple(sites)
+
+
+def _encode_prompt_kwargs(pipeline: DiffusionPipeline, prompts: list[str], call_kwargs: dict, constants: dict) -> dict:
+    # Arguments `encode_prompt` shares with `__call__` take the call's value, else `__call__`'s default, so that the
+    # embeddings are those the pipeline would compute for itself; constants of the call site come next; the prompts
+    # win, with the negative prompts' embeddings too (unused by the pipeline where guidance is off, but some refuse
+    # `prompt_embeds` without them where it is on).
     call_defaults = {
         name: param.default
         for name, param in inspect.signature(pipeline.__call__).parameters.items()
@@ -163,40 +293,141 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
         "prompt": prompts,
         "device": pipeline._execution_device,
         "num_images_per_prompt": 1,
-        "do_classifier_free_guidance": False,
+        "do_classifier_free_guidance": True,
     }
     kwargs = {}
-    for name, param in encode_parameters.items():
+    for name, param in inspect.signature(pipeline.encode_prompt).parameters.items():
         if name in fixed:
             kwargs[name] = fixed[name]
+        elif name in constants:
+            kwargs[name] = constants[name]
         elif name in call_kwargs:
             kwargs[name] = call_kwargs[name]
+            if ENCODED_PROMPT_ARGUMENT.fullmatch(name) and isinstance(kwargs[name], str):
+                kwargs[name] = [kwargs[name]] * len(prompts)  # one per prompt: some refuse a string beside a list
         elif name in call_defaults and "embeds" not in name and not name.startswith("negative"):
             kwargs[name] = call_defaults[name]
         elif param.default is param.empty:
             kwargs[name] = None
-    outputs = pipeline.encode_prompt(**kwargs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    batch_tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[0] == len(prompts)]
+    return kwargs
+
+
+def _conditioning_names(pipeline: DiffusionPipeline) -> list[tuple[tuple[str, ...], dict]]:
+    """The `encode_prompt` calls whose outputs `__call__` also takes as arguments, with the names to keep; one nameless
+    call (a pipeline whose source cannot be read) if none."""
+    parameters = call_parameters(pipeline)
+    sites = []
+    for names, constants in encode_prompt_call_sites(type(pipeline)):
+        kept = tuple(name if name in parameters else None for name in names)
+        # a call that encodes only the negative prompts (Flux's true CFG) is left to the pipeline
+        if any(name and not name.startswith("negative") for name in kept):
+            sites.append((kept, constants))
+    return sites or [((), {})]
+
+
+@torch.no_grad()
+def _encode(pipeline: DiffusionPipeline, prompts: list[str], call_kwargs: dict) -> dict:
+    encoded = {}
+    for names, constants in _conditioning_names(pipeline):
+        outputs = pipeline.encode_prompt(**_encode_prompt_kwargs(pipeline, prompts, call_kwargs, constants))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if names:
+            encoded.update({name: value for name, value in zip(names, outputs) if name and value is not None})
+        else:
+            encoded.update(_sort_unnamed_outputs(pipeline, outputs, len(prompts)))
+    return encoded
+
+
+def _sort_unnamed_outputs(pipeline: DiffusionPipeline, outputs: tuple, batch_size: int) -> dict:
+    # Without the call site's names, outputs are sorted by what they look like.
+    batch_tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[0] == batch_size]
     sequences = [t for t in batch_tensors if t.is_floating_point() and t.ndim == 3]
     pooled = [t for t in batch_tensors if t.is_floating_point() and t.ndim == 2]
     masks = [t for t in batch_tensors if not t.is_floating_point() and t.ndim == 2]
-    if not sequences:
-        raise ValueError(
-            f"{type(pipeline).__name__}.encode_prompt returned no per-token prompt embeddings; Noise PPO conditions "
-            "its generator on them. Please open an issue with the pipeline class."
-        )
-    embeds = {"prompt_embeds": sequences[0]}
     parameters = call_parameters(pipeline)
+    encoded = {"prompt_embeds": sequences[0]} if sequences else {}
     if pooled and "pooled_prompt_embeds" in parameters:
-        embeds["pooled_prompt_embeds"] = pooled[0]
+        encoded["pooled_prompt_embeds"] = pooled[0]
     mask_names = [name for name in ("prompt_attention_mask", "prompt_embeds_mask") if name in parameters]
     if masks and mask_names:
-        embeds[mask_names[0]] = masks[0]
-    return embeds
+        encoded[mask_names[0]] = masks[0]
+    return encoded
 
 
-def check_generator_fits(config: NoiseGeneratorConfig, noise_spec: NoiseSpec, embeds: dict[str, torch.Tensor], pipeline: DiffusionPipeline) -> None:
+# Per pipeline, the axis of each `encode_prompt` output along which prompts are stacked, where it is not the first
+# (HiDream's Llama embeddings: (layers, prompts, tokens, width)).
+_BATCH_AXES = weakref.WeakKeyDictionary()
+
+
+def _batch_axes(pipeline: DiffusionPipeline, prompt: str, call_kwargs: dict) -> dict[str, int]:
+    if pipeline not in _BATCH_AXES:
+        # the axis that grows with the number of prompts, found once by encoding one prompt and then two
+        one, two = (_encode(pipeline, [prompt] * n, call_kwargs) for n in (1, 2))
+        axes = {}
+        for name, value in one.items():
+            if isinstance(value, torch.Tensor):
+                grown = [axis for axis in range(value.ndim) if two[name].shape[axis] != value.shape[axis]]
+                if grown and grown[0] != 0:
+                    axes[name] = grown[0]
+        _BATCH_AXES[pipeline] = axes
+    return _BATCH_AXES[pipeline]
+
+
+def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwargs) -> dict:
+    """
+    Encodes `prompts` once with the pipeline's own `encode_prompt`, as its `__call__` would (see
+    `encode_prompt_call_sites`), and returns every output that `__call__` takes as an argument, under that argument's
+    name: `prompt_embeds`, and where the family has them pooled embeddings, attention masks of any dtype, a second
+    encoder's embeddings (HunyuanDiT's `prompt_embeds_2`), HiDream's `prompt_embeds_t5` / `prompt_embeds_llama3`,
+    Z-Image's list of variable-length embeddings, and the negative prompts' counterparts (the call's `negative_prompt`,
+    else the pipeline's default). Call the pipeline `without_encoded_prompts`.
+
+    Every value has one row per prompt first (tensors are moved so; lists have one entry per prompt):
+    `pipeline_arguments` puts them back as the pipeline takes them.
+    """
+    encoded = _encode(pipeline, prompts, call_kwargs)
+    if not any(name for name in encoded if "mask" not in name):
+        raise ValueError(
+            f"{type(pipeline).__name__}.encode_prompt returned no prompt embeddings; Noise PPO conditions its "
+            "generator on them. Please open an issue with the pipeline class."
+        )
+    for name, axis in _batch_axes(pipeline, prompts[0], call_kwargs).items():
+        encoded[name] = encoded[name].movedim(axis, 0)
+    return encoded
+
+
+def without_encoded_prompts(call_kwargs: dict) -> dict:
+    """`call_kwargs` without the prompts `encode_prompts` has turned into embeddings (`prompt_2`, `negative_prompt`,
+    ...): the pipeline refuses both a prompt and its embeddings."""
+    return {name: value for name, value in call_kwargs.items() if not ENCODED_PROMPT_ARGUMENT.fullmatch(name)}
+
+
+def pipeline_arguments(pipeline: DiffusionPipeline, conditioning: dict) -> dict:
+    """The conditioning (rows first, see `encode_prompts`) as `pipeline`'s `__call__` takes it, the prompts it replaces
+    set to `None` (PixArt's `negative_prompt` defaults to `""`, and it refuses both a prompt and its embeddings)."""
+    axes = _BATCH_AXES.get(pipeline, {})
+    encoded_prompts = {name: None for name in call_parameters(pipeline) if ENCODED_PROMPT_ARGUMENT.fullmatch(name)}
+    return {
+        **encoded_prompts,
+        **{name: value.movedim(0, axes[name]) if name in axes else value for name, value in conditioning.items()},
+    }
+
+
+def repeat_rows(conditioning: dict, repeats: int) -> dict:
+    """Each row of the conditioning `repeats` times in a row (one row per image of a prompt)."""
+    return {
+        name: value.repeat_interleave(repeats, dim=0)
+        if isinstance(value, torch.Tensor)
+        else [row for row in value for _ in range(repeats)]
+        for name, value in conditioning.items()
+    }
+
+
+def take_rows(conditioning: dict, rows: slice) -> dict:
+    return {name: value[rows] for name, value in conditioning.items()}
+
+
+def check_generator_fits(config: NoiseGeneratorConfig, noise_spec: NoiseSpec, embeds: dict, pipeline: DiffusionPipeline) -> None:
     """Raises a `ValueError` if a generator with `config` cannot drive `pipeline`'s noise and read its prompt embeddings."""
     problems = []
     grid = tuple(config.token_grid) if config.token_grid else None
@@ -218,15 +449,22 @@ def check_generator_fits(config: NoiseGeneratorConfig, noise_spec: NoiseSpec, em
         )
 
 
-def prompt_conditioning(pipeline: DiffusionPipeline, examples: list[dict], **call_kwargs) -> dict[str, torch.Tensor]:
+def prompt_conditioning(pipeline: DiffusionPipeline, examples: list[dict], **call_kwargs) -> dict:
     """
-    The conditioning of each example, under the names the pipeline's `__call__` takes: the text embeddings of its
-    `prompt` (see `encode_prompts`) or, for pipelines conditioned on image embeddings instead of text (the Kandinsky
-    2.2 decoder), the example's own `image_embeds` and `negative_image_embeds` columns.
+    The conditioning of each example, under the names the pipeline's `__call__` takes, one row per example: the text
+    embeddings of its `prompt` (see `encode_prompts`), and every other column of the example named after an argument
+    of `__call__` (a ControlNet's `control_image`, Flux Kontext's reference `image`). Pipelines conditioned on image
+    embeddings instead of text (the Kandinsky 2.2 decoder) need their `image_embeds` columns.
     """
+    parameters = call_parameters(pipeline)
+    columns = {
+        name: [example[name] for example in examples]
+        for name in examples[0]
+        if name in parameters and name != "prompt" and not name.endswith("image_embeds")
+    }
     if hasattr(pipeline, "encode_prompt"):
-        return encode_prompts(pipeline, [example["prompt"] for example in examples], **call_kwargs)
-    names = sorted(name for name in call_parameters(pipeline) if name.endswith("image_embeds"))
+        return {**encode_prompts(pipeline, [example["prompt"] for example in examples], **call_kwargs), **columns}
+    names = sorted(name for name in parameters if name.endswith("image_embeds"))
     missing = [name for name in names if name not in examples[0]]
     if not names or missing:
         raise ValueError(
@@ -234,24 +472,41 @@ def prompt_conditioning(pipeline: DiffusionPipeline, examples: list[dict], **cal
             f"{names or ['image_embeds']} (for Kandinsky 2.2, computed from the prompts with KandinskyV22PriorPipeline), "
             "and keep `prompt` for the rewards."
         )
-    return {
+    embeds = {
         name: torch.tensor([example[name] for example in examples], dtype=pipeline.dtype, device=pipeline._execution_device)
         for name in names
     }
+    return {**embeds, **columns}
 
 
-def generator_inputs(embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """The arguments of `NoiseGenerator.forward` from the output of `prompt_conditioning`: per-token embeddings, a
-    pooled embedding (the image embedding, for pipelines conditioned on one) and the mask of real tokens."""
-    prompt_embeds = embeds.get("prompt_embeds")
-    mask = embeds.get("prompt_attention_mask", embeds.get("prompt_embeds_mask"))
-    if mask is not None and mask.shape != prompt_embeds.shape[:2]:
-        mask = None  # AuraFlow's is flattened over the embedding width too: it no longer marks tokens
-    return {
-        "prompt_embeds": prompt_embeds,
-        "pooled_prompt_embeds": embeds.get("pooled_prompt_embeds", embeds.get("image_embeds")),
-        "prompt_attention_mask": mask,
+def generator_inputs(conditioning: dict) -> dict[str, torch.Tensor | None]:
+    """
+    The arguments of `NoiseGenerator.forward` from the output of `prompt_conditioning`: the first per-token embeddings
+    (batch, tokens, width) with the mask of its real tokens, and a pooled embedding (batch, width) (the image
+    embedding, for pipelines conditioned on one). A list of variable-length embeddings (Z-Image) is padded, with its
+    mask. The negative prompts' embeddings are not read.
+    """
+    own = {
+        name: value
+        for name, value in conditioning.items()
+        if "embeds" in name and not name.startswith("negative") and "mask" not in name
     }
+    masks = [value for name, value in conditioning.items() if "mask" in name and isinstance(value, torch.Tensor)]
+    prompt_embeds = mask = pooled = None
+    for value in own.values():
+        if isinstance(value, list) and value and all(isinstance(row, torch.Tensor) and row.ndim == 2 for row in value):
+            if prompt_embeds is None:
+                prompt_embeds = torch.nn.utils.rnn.pad_sequence(value, batch_first=True)
+                lengths = torch.tensor([len(row) for row in value], device=prompt_embeds.device)
+                mask = (torch.arange(prompt_embeds.shape[1], device=prompt_embeds.device) < lengths[:, None]).long()
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            if value.ndim == 3 and prompt_embeds is None:
+                prompt_embeds = value
+                # the mask of these tokens (AuraFlow's is flattened over the width too: it no longer marks tokens)
+                mask = next((m for m in masks if m.shape == value.shape[:2]), None)
+            elif value.ndim == 2 and pooled is None:
+                pooled = value
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
 
 
 def images_in_unit_range(pipeline: DiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
@@ -262,7 +517,7 @@ def images_in_unit_range(pipeline: DiffusionPipeline, images: torch.Tensor) -> t
 
 
 def generator_config_for(
-    pipeline: DiffusionPipeline, noise_spec: NoiseSpec, embeds: dict[str, torch.Tensor], **architecture
+    pipeline: DiffusionPipeline, noise_spec: NoiseSpec, embeds: dict, **architecture
 ) -> NoiseGeneratorConfig:
     """The config of a new generator sized for `pipeline`'s noise and prompt embeddings; `architecture` holds the
     remaining `NoiseGeneratorConfig` fields."""

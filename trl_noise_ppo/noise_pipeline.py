@@ -3,7 +3,6 @@ import os
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import HfApi
 
 from .noise_generator import NoiseGenerator, load_noise_generator
@@ -11,8 +10,12 @@ from .noise_injection import (
     check_generator_fits,
     check_pipeline_takes_noise,
     discover_noise_spec,
+    draw_noise,
     encode_prompts,
     generator_inputs,
+    pipeline_arguments,
+    repeat_rows,
+    without_encoded_prompts,
 )
 
 
@@ -25,9 +28,10 @@ class NoisePPOPipeline:
     arguments as the pipeline it wraps and returns the same outputs; every attribute of the wrapped pipeline
     (`scheduler`, `enable_model_cpu_offload`, ...) is reachable on it.
 
-    Noise is `x_T = mu(c) + sigma(c) * eps`. `eps` is drawn as the wrapped pipeline would draw its own noise (same
-    `generator`, shape and dtype), or is the `latents` you pass: with an untrained generator the images are exactly
-    those of the wrapped pipeline for the same seed or `latents`. Pass `noise="mean"` to use `x_T = mu(c)`; note that
+    Noise is `x_T = mu(c) + sigma(c) * eps`. `eps` is drawn by the wrapped pipeline's own `prepare_latents` from your
+    `generator`, exactly as the pipeline would draw its own noise (packed-latent families included), or is the `latents`
+    you pass: with an untrained generator the images are exactly those of the wrapped pipeline for the same seed or
+    `latents`. Pass `noise="mean"` to use `x_T = mu(c)`; note that
     this noise is far smoother than what the frozen model was trained on, so sampling (the default) is usually better,
     and a seeded `generator` already makes it deterministic.
 
@@ -49,7 +53,6 @@ class NoisePPOPipeline:
         check_pipeline_takes_noise(pipeline)
         self.pipeline = pipeline
         self.noise_generator = noise_generator
-        self._noise_specs = {}
 
     @classmethod
     def from_pretrained(
@@ -103,12 +106,11 @@ class NoisePPOPipeline:
     def to(self, *args, **kwargs) -> "NoisePPOPipeline":
         self.pipeline.to(*args, **kwargs)
         self.noise_generator.to(device=self.pipeline.device)
-        self._noise_specs.clear()
         return self
 
     def __getattr__(self, name):
         # Called only for attributes NoisePPOPipeline lacks: everything else behaves as the wrapped pipeline.
-        if name in ("pipeline", "noise_generator", "_noise_specs"):
+        if name in ("pipeline", "noise_generator"):
             raise AttributeError(name)
         return getattr(self.pipeline, name)
 
@@ -138,41 +140,40 @@ class NoisePPOPipeline:
         """
         if noise not in ("sample", "mean"):
             raise ValueError(f"noise must be 'sample' or 'mean', got {noise!r}.")
-        given = [name for name in kwargs if name.endswith(("_embeds", "_mask"))]
-        if "prompt_embeds" in given or "image_embeds" in given:
-            embeds = {name: kwargs.pop(name) for name in given}
+        given = [name for name in kwargs if "_embeds" in name or "_mask" in name]
+        if any(name.startswith(("prompt_embeds", "image_embeds")) for name in given):
+            conditioning = {name: kwargs.pop(name) for name in given}
         elif prompt is None:
             raise ValueError(
                 "NoisePPOPipeline needs a `prompt` (or `prompt_embeds`, or `image_embeds` for the Kandinsky decoder): "
                 "the noise generator reads it."
             )
         else:
-            embeds = encode_prompts(self.pipeline, [prompt] if isinstance(prompt, str) else list(prompt), **kwargs)
-            # the second and third text encoders' prompts are now in the embeddings
-            kwargs = {name: value for name, value in kwargs.items() if name not in ("prompt_2", "prompt_3")}
+            conditioning = encode_prompts(self.pipeline, [prompt] if isinstance(prompt, str) else list(prompt), **kwargs)
+            kwargs = without_encoded_prompts(kwargs)
         # one row of embeddings per image: families disagree on whether they repeat given embeddings themselves
-        image_embeds = {name: value.repeat_interleave(num_images_per_prompt, dim=0) for name, value in embeds.items()}
-        call_kwargs = {**kwargs, **image_embeds, "num_images_per_prompt": 1, "generator": generator}
+        image_conditioning = pipeline_arguments(self.pipeline, repeat_rows(conditioning, num_images_per_prompt))
+        call_kwargs = {**kwargs, **image_conditioning, "num_images_per_prompt": 1, "generator": generator}
 
-        spec_key = (kwargs.get("height"), kwargs.get("width"))
-        if spec_key not in self._noise_specs:
-            first_prompt = {name: value[:1] for name, value in embeds.items()}
-            spec = discover_noise_spec(self.pipeline, {**kwargs, **first_prompt, "num_images_per_prompt": 1})
-            check_generator_fits(self.noise_generator.config, spec, embeds, self.pipeline)
-            self._noise_specs[spec_key] = spec
-        spec = self._noise_specs[spec_key]
-
-        batch_size = len(next(iter(embeds.values()))) * num_images_per_prompt
+        # Recomputed on every call: every argument that reaches prepare_latents (height, width, resolution binning,
+        # Kontext's max_area, ...) can change the noise, and the dry run stops before any denoising step
         if latents is None:
-            latents = randn_tensor((batch_size, *spec.shape), generator=generator, device=spec.device, dtype=spec.dtype)
-        elif tuple(latents.shape) != (batch_size, *spec.shape):
-            raise ValueError(
-                f"latents has shape {list(latents.shape)}, but {batch_size} image(s) of this pipeline need "
-                f"{[batch_size, *spec.shape]}."
-            )
+            spec, latents = draw_noise(self.pipeline, call_kwargs)
+        else:
+            # the dry run draws noise it throws away: from its own generator, not from the caller's
+            spec = discover_noise_spec(self.pipeline, {**call_kwargs, "generator": torch.Generator().manual_seed(0)})
+            batch_size = len(next(iter(conditioning.values()))) * num_images_per_prompt
+            if tuple(latents.shape) != (batch_size, *spec.shape):
+                raise ValueError(
+                    f"latents has shape {list(latents.shape)}, but {batch_size} image(s) of this pipeline need "
+                    f"{[batch_size, *spec.shape]}."
+                )
+        check_generator_fits(self.noise_generator.config, spec, conditioning, self.pipeline)
+
         generator_device = next(self.noise_generator.parameters()).device
         conditioning = {
-            name: None if value is None else value.to(generator_device) for name, value in generator_inputs(embeds).items()
+            name: None if value is None else value.to(generator_device)
+            for name, value in generator_inputs(conditioning).items()
         }
         mu, log_sigma = self.noise_generator(**conditioning)
         mu = mu.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)

@@ -1,6 +1,17 @@
+import math
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from trl.trainer.base_config import _BaseConfig
+
+
+# Pipeline call arguments the trainer decides: the noise, its seed, the prompt's conditioning, the batch and the output.
+PIPELINE_ARGUMENTS_SET_BY_TRAINER = frozenset(
+    {"prompt", "latents", "generator", "prompt_embeds", "num_images_per_prompt", "output_type", "return_dict",
+     "num_inference_steps", "guidance_scale", "height", "width"}
+)
 
 
 @dataclass
@@ -32,6 +43,11 @@ class NoisePPOConfig(_BaseConfig):
         num_generations (`int`, *optional*, defaults to `8`):
             Number of images sampled per prompt. Advantages are normalised within each prompt's group, so it must be
             at least 2.
+        pipeline_kwargs (`dict[str, Any]` or `None`, *optional*, defaults to `None`):
+            Further keyword arguments of every pipeline call, in training and evaluation: a `negative_prompt`, Flux's
+            `true_cfg_scale`, Flux Kontext's `max_area`, `use_resolution_binning`, ... (a JSON string on the command
+            line). Per-prompt arguments (a ControlNet's `control_image`, Kontext's `image`) come from dataset columns of
+            the argument's name instead.
         sample_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Most images passed to the pipeline in one call while sampling; a multiple of `num_generations`. `None`
             samples the whole generation batch in one call. Lower it if sampling runs out of memory.
@@ -101,6 +117,10 @@ class NoisePPOConfig(_BaseConfig):
     num_generations: int = field(
         default=8, metadata={"help": "Images sampled per prompt; advantages are normalised within each group."}
     )
+    pipeline_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Further keyword arguments of every pipeline call (JSON), e.g. '{\"negative_prompt\": \"blurry\"}'."},
+    )
     sample_batch_size: int | None = field(
         default=None,
         metadata={"help": "Most images per pipeline call while sampling (a multiple of num_generations); None: all."},
@@ -147,8 +167,22 @@ class NoisePPOConfig(_BaseConfig):
         default=False, metadata={"help": "Keep every dataset column: they are passed to the reward functions."}
     )
 
+    _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["pipeline_kwargs"]
+
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.pipeline_kwargs, str):
+            raise ValueError(
+                f"pipeline_kwargs must be a JSON object such as '{{\"negative_prompt\": \"blurry\"}}', got "
+                f"{self.pipeline_kwargs!r}."
+            )
+        self.pipeline_kwargs = dict(self.pipeline_kwargs or {})
+        owned = sorted(set(self.pipeline_kwargs) & PIPELINE_ARGUMENTS_SET_BY_TRAINER)
+        if owned:
+            raise ValueError(
+                f"pipeline_kwargs sets {owned}, which Noise PPO sets itself on every call; use the config fields "
+                "(num_inference_steps, guidance_scale, height, width) or dataset columns instead."
+            )
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
         if self.num_generations < 2:
@@ -169,11 +203,25 @@ class NoisePPOConfig(_BaseConfig):
                 f"sample_batch_size ({self.sample_batch_size}) must be a multiple of num_generations "
                 f"({self.num_generations}): each pipeline call samples whole prompt groups."
             )
-        for name in ("num_inference_steps", "num_iterations", "steps_per_generation"):
+        for name in ("num_inference_steps", "num_iterations", "steps_per_generation", "generator_hidden_dim",
+                     "generator_grid_size", "generator_grid_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.epsilon <= 0 or self.beta < 0 or self.advantage_clip <= 0:
+        for name in ("height", "width", "sample_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for the default), got {getattr(self, name)}.")
+        if self.max_steps == 0:
+            raise ValueError("max_steps=0 would train nothing: give a positive number of steps, or -1 to use num_train_epochs.")
+        # `not x > 0` and not `x <= 0`, so that NaN fails too
+        if not (0 < self.epsilon < math.inf and 0 < self.advantage_clip < math.inf and 0 <= self.beta < math.inf):
             raise ValueError(
-                f"epsilon and advantage_clip must be positive and beta non-negative; got epsilon={self.epsilon}, "
+                f"epsilon and advantage_clip must be positive and beta non-negative, all finite; got epsilon={self.epsilon}, "
                 f"advantage_clip={self.advantage_clip}, beta={self.beta}."
             )
+        float32_max = torch.finfo(torch.float32).max
+        for index, weight in enumerate(self.reward_weights or []):
+            if not abs(weight) <= float32_max:
+                raise ValueError(
+                    f"reward_weights[{index}] is {weight}: reward weights must be finite numbers float32 can hold "
+                    f"(magnitude at most {float32_max:.3g})."
+                )

@@ -1,6 +1,9 @@
+import inspect
 import math
 import os
+import shutil
 import textwrap
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from importlib.metadata import version
@@ -12,8 +15,8 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard, ModelCardData
 from accelerate.utils import is_peft_model
 from torch import nn
-from transformers import TrainerCallback, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import TrainerCallback, TrainerState, enable_full_determinism, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, get_callable_name
 
@@ -27,13 +30,19 @@ from .noise_injection import (
     generator_config_for,
     generator_inputs,
     images_in_unit_range,
+    pipeline_arguments,
     prompt_conditioning,
+    repeat_rows,
+    take_rows,
+    without_encoded_prompts,
 )
 from .noise_ppo_config import NoisePPOConfig
-from .rewards import call_reward_funcs, resolve_reward_funcs
+from .rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 
 
 ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
+# A checkpoint is written here, then renamed to checkpoint-N when complete
+STAGING_DIR = "tmp-checkpoint"
 
 
 def gaussian_log_density(x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -65,9 +74,22 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float) -
     return advantages.clamp(-clip, clip).flatten()
 
 
+class _EpochSeededRepeatSampler(RepeatSampler):
+    """A `RepeatSampler` whose order depends on the seed and the epoch only. RepeatSampler's own generator carries its
+    state from epoch to epoch, which a run resumed in a later epoch does not replay: it would see other prompts."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(hash((self.seed, epoch)) % 2**62)
+
+
 def _check_prompt_dataset(dataset) -> None:
     if dataset is None:
         raise ValueError("NoisePPOTrainer needs a train_dataset with a `prompt` column, e.g. Dataset.from_dict({'prompt': [...]}).")
+    if not hasattr(dataset, "__len__"):
+        raise ValueError(
+            f"The train_dataset is a {type(dataset).__name__} without a length (a streaming dataset?); Noise PPO needs a "
+            "map-style Dataset: load it with streaming=False, or take some rows: Dataset.from_list(list(dataset.take(n)))."
+        )
     columns = getattr(dataset, "column_names", None)
     if columns is not None and "prompt" not in columns:
         raise ValueError(
@@ -76,6 +98,9 @@ def _check_prompt_dataset(dataset) -> None:
         )
     if len(dataset) == 0:
         raise ValueError("The train_dataset is empty: Noise PPO needs at least one prompt to train on.")
+    for index, prompt in enumerate(dataset["prompt"]):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"Row {index} of the train_dataset has prompt {prompt!r}; every prompt must be a non-empty string.")
     reserved = sorted({"prompts", "images", "trainer_state"} & set(columns or []))
     if reserved:
         raise ValueError(
@@ -174,7 +199,15 @@ class NoisePPOTrainer(_BaseTrainer):
             args = NoisePPOConfig(f"{type(pipeline).__name__}-NoisePPO")
         _check_prompt_dataset(train_dataset)
         check_pipeline_takes_noise(pipeline)
+        min_prompts = args.per_device_train_batch_size * args.steps_per_generation * args.world_size // args.num_generations
+        if len(train_dataset) < min_prompts:
+            raise ValueError(
+                f"The train_dataset holds {len(train_dataset)} prompts, fewer than one generation batch takes ({min_prompts}: "
+                f"per_device_train_batch_size * steps_per_generation * processes / num_generations), so no step would "
+                "run. Add prompts or lower per_device_train_batch_size."
+            )
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        check_reward_files(self.reward_funcs)  # every missing weight file named at once, before any sampling
         self.reward_func_names = [get_callable_name(func) for func in self.reward_funcs]
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
@@ -191,8 +224,22 @@ class NoisePPOTrainer(_BaseTrainer):
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
 
-        example_embeds = prompt_conditioning(pipeline, [train_dataset[0]])
-        noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, example_embeds))
+        unknown = sorted(set(args.pipeline_kwargs) - set(inspect.signature(pipeline.__call__).parameters))
+        if unknown:
+            raise ValueError(
+                f"pipeline_kwargs has {unknown}, which {type(pipeline).__name__}.__call__ does not take; remove them."
+            )
+        example_embeds = prompt_conditioning(pipeline, [train_dataset[0]], **args.pipeline_kwargs)
+        try:
+            noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, pipeline, example_embeds))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{type(pipeline).__name__} fails on the training call ({error}). Per-prompt arguments (a ControlNet's "
+                "`image`, Flux Kontext's reference `image`) come from dataset columns of the argument's name; others "
+                "from `pipeline_kwargs`."
+            ) from error
+        # The Trainer seeds only once the model exists; a new generator is initialised here, so seed first
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         if isinstance(noise_generator, str | os.PathLike):
             noise_generator = load_noise_generator(noise_generator)
         if noise_generator is None:
@@ -223,27 +270,32 @@ class NoisePPOTrainer(_BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self.add_callback(_FiniteGeneratorGuard())
         for reward_func in self.reward_funcs:
             if getattr(reward_func, "device", False) is None:
                 reward_func.device = self.accelerator.device
         self._metrics = defaultdict(list)
         self._buffered_inputs = None
+        self._staging_dir = None  # while a checkpoint is being written: the folder it goes to first
         self._step = 0  # micro-steps; a generation batch is sampled every steps_per_generation * num_iterations
 
     @staticmethod
-    def _pipeline_kwargs(args: NoisePPOConfig, embeds: dict) -> dict:
+    def _pipeline_kwargs(args: NoisePPOConfig, pipeline: DiffusionPipeline, embeds: dict) -> dict:
         # One row of embeddings per image: given embeddings are repeated for num_images_per_prompt by some families and
         # not by others, while the negative prompt's always are
-        kwargs = {
-            **embeds,
-            "num_images_per_prompt": 1,
+        settings = {
             "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale,
             "height": args.height,
             "width": args.width,
-            "output_type": "pt",
         }
-        return {name: value for name, value in kwargs.items() if value is not None}
+        return {
+            **without_encoded_prompts(args.pipeline_kwargs),
+            **pipeline_arguments(pipeline, embeds),  # with the prompts it replaces set to None
+            "num_images_per_prompt": 1,
+            "output_type": "pt",
+            **{name: value for name, value in settings.items() if value is not None},  # None: the pipeline's default
+        }
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -263,7 +315,7 @@ class NoisePPOTrainer(_BaseTrainer):
         # Every prompt comes num_generations times in a row, and each generation batch is repeated for as many
         # micro-steps as it is used, so that dataloader length and progress bars count optimisation steps.
         generation_batch_size = self.args.per_device_train_batch_size * self.args.steps_per_generation
-        return RepeatSampler(
+        return _EpochSeededRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=generation_batch_size * self.accelerator.num_processes // self.args.num_generations,
@@ -298,8 +350,8 @@ class NoisePPOTrainer(_BaseTrainer):
         device, k = self.accelerator.device, self.args.num_generations
         prompts = [example["prompt"] for example in batch]
         generator = self.accelerator.unwrap_model(self.model)
-        embeds = prompt_conditioning(self.pipeline, batch[::k])
-        sample_embeds = {name: value.repeat_interleave(k, dim=0) for name, value in embeds.items()}
+        embeds = prompt_conditioning(self.pipeline, batch[::k], **self.args.pipeline_kwargs)
+        sample_embeds = repeat_rows(embeds, k)
 
         # x_T = mu(c) + sigma(c) * eps: the action, and its log-density under the policy that sampled it
         mu, log_sigma = generator(**generator_inputs(embeds))
@@ -314,7 +366,7 @@ class NoisePPOTrainer(_BaseTrainer):
         for start in range(0, len(prompts), images_per_call):
             call = slice(start, start + images_per_call)
             output = self.pipeline(
-                **self._pipeline_kwargs(self.args, {name: value[call] for name, value in sample_embeds.items()}),
+                **self._pipeline_kwargs(self.args, self.pipeline, take_rows(sample_embeds, call)),
                 latents=noise[call].to(self.noise_dtype),
                 generator=self._rollout_generator(salt=2 + start),
             )
@@ -328,6 +380,13 @@ class NoisePPOTrainer(_BaseTrainer):
         ).to(device)
         weights = self.reward_weights.to(device)
         rewards = (rewards_per_func * weights).nansum(dim=1)
+        if not rewards.isfinite().all():  # each reward fits float32; weighted and summed they may not
+            raise ValueError(
+                f"The weighted sum of the rewards overflows float32 (reward_weights={weights.tolist()}, largest reward "
+                f"{rewards_per_func.nan_to_num().abs().max().item():.3g}). Scale the rewards or reward_weights down."
+            )
+        if rewards_per_func.isnan().all():
+            warnings.warn("No reward function scored any image of this generation batch (all returned None): nothing is learned from it.")
         rewards[rewards_per_func.isnan().all(dim=1)] = torch.nan
         log_images(self, images, prompts, rewards)
 
@@ -343,7 +402,7 @@ class NoisePPOTrainer(_BaseTrainer):
         self._metrics["reward_std"].append(_nanstd(all_rewards))
 
         return {
-            **sample_embeds,
+            **{name: value for name, value in generator_inputs(repeat_rows(embeds, k)).items() if value is not None},
             "noise": noise,
             "old_log_density": old_log_density,
             "advantages": advantages,
@@ -365,6 +424,12 @@ class NoisePPOTrainer(_BaseTrainer):
         policy_loss = (policy_loss * rewarded).sum() / rewarded.sum().clamp(min=1)
         kl_prior = kl_to_standard_normal(mu, log_sigma)
         loss = policy_loss + self.args.beta * kl_prior.mean()
+        if not loss.isfinite():
+            raise FloatingPointError(
+                f"The loss is {loss.item()} at step {self.state.global_step} (policy loss {policy_loss.item()}, KL to "
+                f"N(0, I) {kl_prior.mean().item()}): the generator's output is no longer finite. Lower learning_rate; "
+                "nothing of this step was saved, so the last checkpoint is intact."
+            )
 
         with torch.no_grad():
             clipped = ((ratio - 1).abs() > self.args.epsilon).float()
@@ -389,14 +454,34 @@ class NoisePPOTrainer(_BaseTrainer):
         self._metrics.clear()
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.save_only_model or self._buffered_inputs is None:
-            return
-        # A checkpoint can fall between two generation batches' PPO epochs; the stored rollout lets a resumed run
-        # finish the epochs on the same samples instead of drawing new ones from a different policy.
-        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        rollout = [{name: value.cpu() for name, value in inputs.items()} for inputs in self._buffered_inputs]
-        torch.save(rollout, os.path.join(checkpoint_dir, ROLLOUT_FILE.format(self.accelerator.process_index)))
+        # Written into a staging folder and renamed to checkpoint-N once complete, so that a run killed while saving
+        # leaves no partial checkpoint for `resume_from_checkpoint=True` to pick
+        run_dir = self._get_output_dir(trial=trial)
+        self._staging_dir = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save:
+            shutil.rmtree(self._staging_dir, ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            staging_dir, self._staging_dir = self._staging_dir, None
+        checkpoint_name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if not self.args.save_only_model and self._buffered_inputs is not None:
+            # A checkpoint can fall between two generation batches' PPO epochs; the stored rollout lets a resumed run
+            # finish the epochs on the same samples instead of drawing new ones from a different policy.
+            rollout = [{name: value.cpu() for name, value in inputs.items()} for inputs in self._buffered_inputs]
+            torch.save(rollout, os.path.join(staging_dir, checkpoint_name, ROLLOUT_FILE.format(self.accelerator.process_index)))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoint_dir = os.path.join(run_dir, checkpoint_name)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # an earlier run's of the same step, as the Trainer overwrites it
+            os.replace(os.path.join(staging_dir, checkpoint_name), checkpoint_dir)
+            shutil.rmtree(staging_dir)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        return self._staging_dir or super()._get_output_dir(trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -406,8 +491,15 @@ class NoisePPOTrainer(_BaseTrainer):
         if os.path.isfile(rollout_file):
             rollout = torch.load(rollout_file, weights_only=True)
             self._buffered_inputs = [{name: value.to(self.accelerator.device) for name, value in inputs.items()} for inputs in rollout]
+        elif self._step % (self.args.steps_per_generation * self.args.num_iterations) != 0:
+            raise ValueError(
+                f"The checkpoint {resume_from_checkpoint} has no {os.path.basename(rollout_file)}: it was saved in the middle "
+                "of a generation batch's PPO epochs and cannot resume exactly without those samples. Resume from an "
+                "earlier checkpoint."
+            )
 
     def _save(self, output_dir: str | None = None, state_dict=None):
+        _raise_if_not_finite(self.model, "weights", self.state.global_step)
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             self.create_model_card(output_dir=output_dir)
@@ -467,6 +559,27 @@ class NoisePPOTrainer(_BaseTrainer):
             pytorch_version=version("torch"),
         )
         card.save(os.path.join(output_dir, "README.md"))
+
+
+def _raise_if_not_finite(model: nn.Module, what: str, step: int) -> None:
+    tensors = [param.grad if what == "gradient" else param for param in model.parameters() if param.requires_grad]
+    tensors = [tensor.detach().flatten() for tensor in tensors if tensor is not None]
+    if tensors and not torch.cat(tensors).isfinite().all():
+        raise FloatingPointError(
+            f"The generator's {what} is not finite at step {step}. Lower learning_rate; the generator was not saved "
+            "and the last checkpoint is intact."
+        )
+
+
+class _FiniteGeneratorGuard(TrainerCallback):
+    """Stops the run before an optimiser step takes a non-finite gradient and right after one makes the weights
+    non-finite, so that a NaN generator never reaches a checkpoint."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        _raise_if_not_finite(model, "gradient", state.global_step)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        _raise_if_not_finite(model, "weights", state.global_step)
 
 
 def _nanstd(values: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ from .clip import AestheticReward, CLIPReward, CLIPScoreReward, PickScoreReward
 from .hps import HPSv2Reward
 from .imagereward import ImageReward
 from .jpeg import JPEGCompressibilityReward, JPEGIncompressibilityReward
-from .loading import MissingWeightsError
+from .loading import MissingWeightsError, RequiredFile, check_reward_files
 from .registry import REWARDS, create_reward, resolve_reward_funcs
 from .remote import HTTPReward
 
@@ -28,7 +28,9 @@ __all__ = [
     "MissingWeightsError",
     "ModelReward",
     "PickScoreReward",
+    "RequiredFile",
     "call_reward_funcs",
+    "check_reward_files",
     "create_reward",
     "resolve_reward_funcs",
 ]

@@ -17,7 +17,8 @@ class ModelReward(ABC):
     device before the first call; called outside a trainer, the reward follows the images' device. Images are
     scored `batch_size` at a time under `torch.no_grad()`, with the model in `dtype`.
 
-    Subclasses implement `_load(device)` and `_score(images, prompts)`.
+    Subclasses implement `_load(device)` and `_score(images, prompts)`, and list the files `_load` reads in
+    `required_files()`, which the trainer and the evaluate command check before generating anything.
     """
 
     def __init__(self, name: str, device: str | torch.device | None, dtype: torch.dtype, batch_size: int):
@@ -44,6 +45,10 @@ class ModelReward(ABC):
                 batch_prompts = list(prompts[start : start + self.batch_size])
                 rewards.append(self._score(batch, batch_prompts).float().cpu())
         return torch.cat(rewards).tolist()
+
+    def required_files(self) -> list:
+        """The `RequiredFile`s (repository or folder, file name, argument) that `_load` reads; none by default."""
+        return []
 
     @abstractmethod
     def _load(self, device: torch.device) -> None:

@@ -26,29 +26,47 @@ def _reward_event_loop() -> asyncio.AbstractEventLoop:
     return _event_loop
 
 
+# The largest magnitude a float32 reward tensor holds; a larger Python float would become inf there
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _checked_rewards(output, func: Callable, prompts: list[str]) -> list[float]:
-    """`output` as one float per prompt, None as NaN; a wrong length or a NaN or infinite reward is an error."""
+    """`output` as one float per prompt, None as NaN; anything but one number (or None) per image, or a NaN, infinite
+    or beyond-float32 reward, is an error."""
     name = get_callable_name(func)
-    try:
-        count = len(output)
-    except TypeError:
+    fix = "Return a list with one float (or None) per image."
+    if isinstance(output, dict | str | bytes) or not hasattr(output, "__len__"):
+        raise ValueError(f"Reward function '{name}' returned {type(output).__name__}, not a list. {fix}")
+    if getattr(output, "ndim", 1) != 1:
+        raise ValueError(f"Reward function '{name}' returned a tensor of shape {tuple(output.shape)}, not one reward per image. {fix}")
+    if len(output) != len(prompts):
         raise ValueError(
-            f"Reward function '{name}' returned {type(output).__name__}, not a list. Return a list with one "
-            f"float (or None) per image."
-        ) from None
-    if count != len(prompts):
-        raise ValueError(
-            f"Reward function '{name}' returned {count} rewards for {len(prompts)} images. Return exactly one "
+            f"Reward function '{name}' returned {len(output)} rewards for {len(prompts)} images. Return exactly one "
             f"reward per image, in order (None for an image it cannot score)."
         )
-    rewards = [math.nan if reward is None else float(reward) for reward in output]
-    for index, (reward, raw) in enumerate(zip(rewards, output, strict=True)):
-        if raw is not None and not math.isfinite(reward):
+    rewards = []
+    for index, raw in enumerate(output):
+        if raw is None:
+            rewards.append(math.nan)
+            continue
+        try:
+            if isinstance(raw, str | bytes):
+                raise TypeError
+            reward = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"Reward function '{name}' returned {raw!r} for image {index}, not a number. {fix}") from None
+        if not math.isfinite(reward):
             raise ValueError(
                 f"Reward function '{name}' returned {reward} for image {index} (prompt {prompts[index]!r}). Rewards "
                 f"must be finite: return None for an image it cannot score, and that image is left out of the "
                 f"advantage statistics."
             )
+        if abs(reward) > FLOAT32_MAX:
+            raise ValueError(
+                f"Reward function '{name}' returned {reward} for image {index} (prompt {prompts[index]!r}), beyond "
+                f"float32's range (+/-{FLOAT32_MAX:.3g}). Rescale the reward."
+            )
+        rewards.append(reward)
     return rewards
 
 
@@ -70,8 +88,8 @@ def call_reward_funcs(
     NaN in the result (NaN-aware statistics then leave it out).
 
     Raises:
-        ValueError: when a function returns something without a length, the wrong number of rewards, or a NaN
-            or infinite reward. The message names the function, the problem and the fix.
+        ValueError: when a function returns something but one number (or None) per image, the wrong number of
+            rewards, or a NaN, infinite or beyond-float32 reward. The message names the function, the problem and the fix.
         Exception: whatever a reward function raises, unchanged.
 
     Example:

@@ -5,7 +5,14 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
 from .base import ModelReward, linear_mlp_head
-from .loading import explain_missing_weights, hub_file, load_tensor_file
+from .loading import (
+    TOKENIZER_FILES,
+    RequiredFile,
+    explain_missing_weights,
+    hub_file,
+    load_tensor_file,
+    transformers_model_files,
+)
 from .preprocessing import normalize, resize_shortest_side_and_center_crop
 
 
@@ -13,17 +20,26 @@ class CLIPReward(ModelReward):
     """Base of the CLIP-family rewards: loads a CLIPModel with its processor and embeds images and prompts.
 
     Images get the processor's recipe (bicubic resize of the shorter side, centre crop, normalisation); prompts are
-    truncated to the text model's 77 tokens. Both embeddings are L2-normalised.
+    truncated to the text model's 77 tokens, keeping the end-of-text token whose features CLIP pools. Both
+    embeddings are L2-normalised.
     """
+
+    model_class = CLIPModel
 
     def __init__(self, name, model_id, processor_id, device, dtype, batch_size):
         super().__init__(name=name, device=device, dtype=dtype, batch_size=batch_size)
         self.model_id = model_id
         self.processor_id = processor_id or model_id
 
+    def required_files(self) -> list[RequiredFile]:
+        processor_files = [*TOKENIZER_FILES, "preprocessor_config.json"]
+        return transformers_model_files(self.model_id, "model_id") + [
+            RequiredFile(self.processor_id, filename, "processor_id") for filename in processor_files
+        ]
+
     def _load(self, device):
         with explain_missing_weights(self.model_id, "model_id"):
-            self.model = CLIPModel.from_pretrained(self.model_id, dtype=self.dtype).to(device).eval()
+            self.model = self.model_class.from_pretrained(self.model_id, dtype=self.dtype).to(device).eval()
         with explain_missing_weights(self.processor_id, "processor_id"):
             self.tokenizer = AutoTokenizer.from_pretrained(self.processor_id)
             # Only the recipe's numbers are used; the pixels are computed on tensors, see `_pixel_values`.
@@ -56,13 +72,22 @@ class CLIPReward(ModelReward):
 
 
 class CLIPScoreReward(CLIPReward):
-    """CLIPScore (Hessel et al. 2021, as in torchmetrics): `max(100 * cos(image, prompt), 0)`.
+    """CLIPScore (Hessel et al. 2021) of each image: `weight * max(cos(image, prefix + prompt), 0)`.
 
-    Scale: 0 to 100; about 20-30 for images that match their prompt, with the default ViT-L/14.
+    The defaults give torchmetrics' scale and model: weight 100, no prefix, CLIP ViT-L/14. Two differences from
+    torchmetrics remain, both where a per-image reward has to: torchmetrics clamps the mean of a batch at 0 (here
+    each image is clamped: the same mean whenever every cosine is positive), and cuts a prompt over 77 tokens after
+    its 77th token, dropping the end-of-text token CLIP pools (here the end-of-text token is kept, as in OpenAI's
+    `clip.tokenize(truncate=True)`). Hessel's original settings are
+    `CLIPScoreReward(model_id="openai/clip-vit-base-patch32", weight=2.5, prefix="A photo depicts ")`.
+
+    Scale: 0 to `weight`; with the defaults about 20-30 for images that match their prompt.
 
     Args:
         model_id: Hub id or local folder of a transformers CLIPModel.
         processor_id: Hub id or local folder of its tokenizer and image processor (defaults to `model_id`).
+        weight: the factor `w` on the clamped cosine: 100 as torchmetrics, 2.5 as Hessel et al.
+        prefix: text put before every prompt: "" as torchmetrics, "A photo depicts " as Hessel et al.
         device: where the model runs; None lets the trainer (or the images) decide.
         dtype: the model's dtype.
         batch_size: images scored per forward pass.
@@ -77,15 +102,29 @@ class CLIPScoreReward(CLIPReward):
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
         name: str = "clipscore",
+        weight: float = 100.0,
+        prefix: str = "",
     ):
         super().__init__(name, model_id, processor_id, device, dtype, batch_size)
+        self.weight = weight
+        self.prefix = prefix
 
     def _score(self, images, prompts):
-        return (100 * self._cosine_similarity(images, prompts)).clamp(min=0)
+        cosine = self._cosine_similarity(images, [self.prefix + prompt for prompt in prompts])
+        return self.weight * cosine.clamp(min=0)
+
+
+class _CLIPModelWithFloat32Scale(CLIPModel):
+    """A CLIPModel whose `logit_scale` loads in float32 whatever the model's dtype: bf16 holds log(100) = 4.605 as
+    4.594, whose exponential is 99.0, a 1% error on every score that uses it."""
+
+    _keep_in_fp32_modules_strict = ["logit_scale"]
 
 
 class PickScoreReward(CLIPReward):
     """PickScore (Kirstain et al. 2023): `logit_scale.exp() * cos(image, prompt)`, as in its reference code.
+
+    `logit_scale` stays in float32 whatever `dtype` is, as the reference (a float32 model) computes it.
 
     Scale: about 100 * cosine; typically 18-24 for generated images.
 
@@ -95,6 +134,8 @@ class PickScoreReward(CLIPReward):
             from.
         device, dtype, batch_size, name: as for `CLIPScoreReward`.
     """
+
+    model_class = _CLIPModelWithFloat32Scale
 
     def __init__(
         self,
@@ -108,7 +149,7 @@ class PickScoreReward(CLIPReward):
         super().__init__(name, model_id, processor_id, device, dtype, batch_size)
 
     def _score(self, images, prompts):
-        return self.model.logit_scale.exp().float() * self._cosine_similarity(images, prompts)
+        return self.model.logit_scale.exp() * self._cosine_similarity(images, prompts)
 
 
 class AestheticReward(CLIPReward):
@@ -139,6 +180,9 @@ class AestheticReward(CLIPReward):
         super().__init__(name, model_id, processor_id, device, dtype, batch_size)
         self.predictor_id = predictor_id
         self.predictor_filename = predictor_filename
+
+    def required_files(self) -> list[RequiredFile]:
+        return super().required_files() + [RequiredFile(self.predictor_id, self.predictor_filename, "predictor_id")]
 
     def _load(self, device):
         super()._load(device)

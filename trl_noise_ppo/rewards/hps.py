@@ -1,15 +1,27 @@
 """HPSv2 and HPSv2.1: an open_clip ViT-H-14 checkpoint, converted to a transformers CLIPModel on load.
 
 open_clip itself needs torchvision, whose PyPI wheels do not import beside the CPU build of torch, so the
-checkpoint is renamed to transformers' CLIP names instead (the two implement the same network).
+checkpoint is renamed to transformers' CLIP names instead (the two implement the same network), and open_clip's
+image and text preprocessing are reproduced here.
 """
+
+import html
+import re
 
 import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .clip import CLIPReward
-from .loading import build_model_from_weights, explain_missing_weights, hub_file, load_tensor_file, rename
+from .loading import (
+    TOKENIZER_FILES,
+    RequiredFile,
+    build_model_from_weights,
+    explain_missing_weights,
+    hub_file,
+    load_tensor_file,
+    rename,
+)
 from .preprocessing import normalize, resize_longest_side_and_pad
 
 # open_clip name -> transformers CLIPModel name, applied in order. `visual.` is the image tower; the text tower's
@@ -57,12 +69,32 @@ def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     return converted
 
 
+def _import_ftfy():
+    try:
+        import ftfy
+    except ImportError as error:
+        raise ImportError(
+            "HPSv2Reward cleans prompts as open_clip does, with ftfy, which is not installed: run `pip install ftfy` "
+            "(or `pip install 'trl-noise-ppo[hps]'`)."
+        ) from error
+    return ftfy
+
+
+def open_clip_clean(text: str) -> str:
+    """open_clip's cleaning of a prompt before tokenising (its `basic_clean`, then `whitespace_clean`): ftfy's
+    `fix_text` (mojibake, curly quotes, ligatures, full-width characters), HTML entities unescaped twice, every run
+    of whitespace folded into one space, ends stripped. transformers' CLIP tokenizer only folds whitespace."""
+    text = html.unescape(html.unescape(_import_ftfy().fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 class HPSv2Reward(CLIPReward):
     """Human Preference Score v2 / v2.1 (Wu et al. 2023): cosine similarity of the image and prompt embeddings of
     a ViT-H-14 CLIP fine-tuned on human preferences, as the `hpsv2` package scores it.
 
-    Preprocessing is HPS's own: the longer side resized (bicubic) to 224, zero padding to a square, then OpenAI
-    CLIP normalisation. Prompts are truncated to 77 tokens.
+    Preprocessing is HPS's own: the image quantised to uint8 and converted to a float tensor, its longer side
+    resized (torchvision's bicubic on tensors, no rounding) to 224, zero padding to a square, then OpenAI CLIP
+    normalisation. Prompts are cleaned as open_clip cleans them (needs `ftfy`) and truncated to 77 tokens.
 
     Scale: cosine, in [-1, 1]; typically 0.20-0.35 for generated images.
 
@@ -74,6 +106,9 @@ class HPSv2Reward(CLIPReward):
             the same tensors also works.
         config_id: Hub id or local folder of a transformers CLIP config and tokenizer describing the same
             architecture: the LAION ViT-H-14 that HPS was fine-tuned from.
+        antialias: whether the resize is antialiased. True, the default, is what `hpsv2` computes with a current
+            torchvision (0.17 or later); False reproduces torchvision 0.16 and earlier, the setup of the published
+            HPSv2 results. The preprocessed pixels differ by several uint8 levels on detailed 512-1024 px images.
         device, dtype, batch_size, name: as for `CLIPScoreReward`.
     """
 
@@ -86,10 +121,20 @@ class HPSv2Reward(CLIPReward):
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
         name: str = "hpsv2",
+        antialias: bool = True,
     ):
+        _import_ftfy()  # fail at construction, not at the first call
         super().__init__(name, model_id, None, device, dtype, batch_size)
         self.filename = filename
         self.config_id = config_id
+        self.antialias = antialias
+
+    def required_files(self):
+        return [
+            RequiredFile(self.model_id, self.filename, "model_id"),
+            RequiredFile(self.config_id, "config.json", "config_id"),
+            *(RequiredFile(self.config_id, filename, "config_id") for filename in TOKENIZER_FILES),
+        ]
 
     def _load(self, device):
         with explain_missing_weights(self.config_id, "config_id"):
@@ -101,8 +146,8 @@ class HPSv2Reward(CLIPReward):
         self.model = build_model_from_weights(CLIPModel, config, state_dict, self.dtype).to(device)
 
     def _pixel_values(self, images):
-        images = resize_longest_side_and_pad(images, self.model.config.vision_config.image_size)
+        images = resize_longest_side_and_pad(images, self.model.config.vision_config.image_size, self.antialias)
         return normalize(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD).to(self.dtype)
 
     def _score(self, images, prompts):
-        return self._cosine_similarity(images, prompts)
+        return self._cosine_similarity(images, [open_clip_clean(prompt) for prompt in prompts])

@@ -11,11 +11,19 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .base import ModelReward, linear_mlp_head
-from .loading import build_model_from_weights, explain_missing_weights, hub_file, load_tensor_file, rename
+from .loading import (
+    TOKENIZER_FILES,
+    RequiredFile,
+    build_model_from_weights,
+    explain_missing_weights,
+    hub_file,
+    load_tensor_file,
+    rename,
+)
 from .preprocessing import normalize, resize_shortest_side_and_center_crop
 
 # ImageReward's z-scoring of the MLP output, from its `ImageReward.py`.
@@ -101,10 +109,10 @@ def blip_text_config(med_config: dict, encoder_hidden_size: int) -> BlipTextConf
 class ImageReward(ModelReward):
     """ImageReward (Xu et al. 2023): a BLIP-based model of human preference for text-to-image generations.
 
-    Reproduces the reference `ImageReward.score`: images resized (bicubic, shorter side) to 224, centre-cropped,
-    normalised with CLIP's mean and std; prompts tokenised by bert-base-uncased, padded and truncated to 35
-    tokens; the BERT encoder cross-attends to the image tokens; the MLP reads its first token; the output is
-    z-scored with ImageReward's mean 0.16717 and std 1.03334.
+    Reproduces the reference `ImageReward.score`: images resized (bicubic, shorter side) to 224, centre-cropped
+    as torchvision's `CenterCrop` does (rounding the offset), normalised with CLIP's mean and std; prompts
+    tokenised by bert-base-uncased, padded and truncated to 35 tokens; the BERT encoder cross-attends to the image
+    tokens; the MLP reads its first token; the output is z-scored with ImageReward's mean 0.16717 and std 1.03334.
 
     Scale: z-scored, mostly in [-2, 2], higher is better.
 
@@ -132,9 +140,17 @@ class ImageReward(ModelReward):
         self.filename = filename
         self.tokenizer_id = tokenizer_id
 
+    def required_files(self):
+        return [
+            RequiredFile(self.model_id, self.filename, "model_id"),
+            RequiredFile(self.model_id, "med_config.json", "model_id"),
+            *(RequiredFile(self.tokenizer_id, filename, "tokenizer_id") for filename in TOKENIZER_FILES),
+        ]
+
     def _load(self, device):
         with explain_missing_weights(self.tokenizer_id, "tokenizer_id"):
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id)
+            # BLIP loads it as a BertTokenizer; that class needs no model config.json to find.
+            self.tokenizer = BertTokenizer.from_pretrained(self.tokenizer_id)
         med_config = json.loads(Path(hub_file(self.model_id, "med_config.json", "model_id")).read_text())
         checkpoint = load_tensor_file(hub_file(self.model_id, self.filename, "model_id"))
         vision_weights, text_weights, mlp_weights = split_imagereward_checkpoint(checkpoint)
@@ -153,7 +169,9 @@ class ImageReward(ModelReward):
 
     def _score(self, images, prompts):
         image_size = self.vision_model.config.image_size
-        images = resize_shortest_side_and_center_crop(images, image_size, image_size, image_size)
+        images = resize_shortest_side_and_center_crop(
+            images, image_size, image_size, image_size, round_crop_offset=True
+        )
         pixel_values = normalize(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD).to(self.dtype)
         image_tokens = self.vision_model(pixel_values=pixel_values).last_hidden_state
         text = self.tokenizer(

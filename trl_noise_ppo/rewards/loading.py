@@ -1,9 +1,11 @@
 """Finding and loading reward weights: local folders or the Hugging Face Hub, safely, with clear errors."""
 
 import contextlib
+import os
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import safetensors.torch
 import torch
@@ -33,6 +35,99 @@ def explain_missing_weights(repo_id: str, argument: str) -> Iterator[None]:
             f"`hf download {repo_id}` (then copy the cache, $HF_HOME or ~/.cache/huggingface, to this machine), or "
             f"download the repository to a folder and pass that folder as `{argument}=`. Cause: {error}"
         ) from error
+
+
+class RequiredFile(NamedTuple):
+    """A file a reward loads: `filename` in `repo_id` (a Hub id or a local folder), which the reward takes as its
+    argument `argument`. Any of `alternatives` serves as well (a model's weights saved in another format)."""
+
+    repo_id: str
+    filename: str
+    argument: str
+    alternatives: tuple[str, ...] = ()
+
+
+# What a tokenizer saved by transformers loads from (CLIP's and BERT's alike).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The weights of a transformers model, in the formats `from_pretrained` reads (in its order of preference).
+_WEIGHTS_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def transformers_model_files(repo_id: str, argument: str) -> list[RequiredFile]:
+    """The files `<Model>.from_pretrained(repo_id)` needs: its config and its weights, in any format transformers
+    reads."""
+    return [
+        RequiredFile(repo_id, "config.json", argument),
+        RequiredFile(repo_id, _WEIGHTS_FILES[0], argument, alternatives=_WEIGHTS_FILES[1:]),
+    ]
+
+
+def _resolves(required: RequiredFile) -> bool:
+    """Whether `required` is in its folder or the Hugging Face cache, or downloads now (when online)."""
+    for filename in (required.filename, *required.alternatives):
+        try:
+            cached_file(required.repo_id, filename)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def check_reward_files(reward_funcs: list[Callable]) -> None:
+    """Resolves every file the built-in model rewards among `reward_funcs` will load (their `required_files()`): from
+    local folders, the Hugging Face cache, or the Hub when online, so that a missing file stops a run before any
+    image is generated rather than at the first reward call. Other callables are not checked.
+
+    Raises one `MissingWeightsError` that lists every missing repository and file, with the `hf download` commands
+    that fetch them.
+    """
+    resolved: dict[tuple, bool] = {}  # each file is looked up once, however many rewards need it
+    files: dict[str, list[str]] = {}  # missing repository or folder -> its missing files
+    needed_as: dict[str, list[str]] = {}  # -> the reward arguments that name it, e.g. "hpsv2's config_id="
+    weights_missing = False
+    for reward in reward_funcs:
+        required_files = reward.required_files() if hasattr(reward, "required_files") else []
+        for required in required_files:
+            key = (required.repo_id, required.filename, required.alternatives)
+            if key not in resolved:
+                resolved[key] = _resolves(required)
+            if resolved[key]:
+                continue
+            weights_missing |= bool(required.alternatives)
+            repo_files, arguments = files.setdefault(required.repo_id, []), needed_as.setdefault(required.repo_id, [])
+            argument = f"{reward.__name__}'s {required.argument}="
+            repo_files += [required.filename] if required.filename not in repo_files else []
+            arguments += [argument] if argument not in arguments else []
+    if not files:
+        return
+    offline = " (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else ""
+    listing = "\n".join(
+        f"  {repo}: {', '.join(repo_files)} (as {', '.join(needed_as[repo])})" for repo, repo_files in files.items()
+    )
+    commands = "\n".join(
+        f"  hf download {repo} {' '.join(repo_files)}" for repo, repo_files in files.items() if not os.path.isdir(repo)
+    )
+    fetch = (
+        f"On a machine with network access, fetch them with\n{commands}\nthen copy the Hugging Face cache ($HF_HOME, "
+        f"by default ~/.cache/huggingface) to this machine. "
+        if commands
+        else ""
+    )
+    formats = (
+        " Where a repository has pytorch_model.bin (or sharded weights) instead of model.safetensors, fetch those."
+        if weights_missing
+        else ""
+    )
+    raise MissingWeightsError(
+        f"Reward weights are missing: these files are neither in the given folders nor in the Hugging Face cache "
+        f"({hub_constants.HF_HUB_CACHE}), and could not be downloaded{offline}:\n{listing}\n{fetch}Or put the "
+        f"files in a folder and pass the folder as the argument named.{formats}"
+    )
 
 
 def hub_file(repo_id: str, filename: str, argument: str) -> str:

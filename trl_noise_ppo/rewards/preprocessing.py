@@ -1,8 +1,9 @@
 """The reward models' image preprocessing, applied to the trainer's float tensors.
 
-The reference implementations take PIL images: the generated image is quantised to uint8, resized with PIL's
-bicubic filter, cropped or padded, then normalised. These functions reproduce those recipes on (N, 3, H, W)
-float tensors in [0, 1], on the tensors' own device, with no PIL round trip.
+The reference implementations take PIL images, so the generated image is first quantised to uint8. CLIP's and
+BLIP's recipes then resize with PIL's bicubic filter (uint8 after each pass) and crop; HPS's converts to a float
+tensor first and resizes that with torchvision (no rounding). These functions reproduce those recipes on
+(N, 3, H, W) float tensors in [0, 1], on the tensors' own device, with no PIL round trip.
 """
 
 import torch
@@ -33,32 +34,44 @@ def pil_bicubic_resize(images: torch.Tensor, height: int, width: int) -> torch.T
 
 
 def resize_shortest_side_and_center_crop(
-    images: torch.Tensor, shortest_side: int, crop_height: int, crop_width: int
+    images: torch.Tensor, shortest_side: int, crop_height: int, crop_width: int, round_crop_offset: bool = False
 ) -> torch.Tensor:
     """CLIP's and BLIP's recipe: scale the shorter side to `shortest_side`, then crop the centre.
 
     The longer side becomes `int(shortest_side * long / short)`, as in transformers' `CLIPImageProcessor` and
-    torchvision's `Resize(int)`. The crop offset is `(size - crop) // 2`, as in `CLIPImageProcessor`; torchvision's
-    `CenterCrop` (ImageReward) rounds half an odd excess instead, a one-pixel shift that square images never hit.
+    torchvision's `Resize(int)`. The crop offset is `(size - crop) // 2`, as in `CLIPImageProcessor`, or with
+    `round_crop_offset` `int(round((size - crop) / 2))`, as in torchvision's `CenterCrop` (ImageReward): Python's
+    rounding sends half an odd excess to the even side, so the two differ by a pixel at, e.g., 832 x 1216.
     """
     height, width = images.shape[-2:]
     long_side = int(shortest_side * max(height, width) / min(height, width))
     new_height, new_width = (shortest_side, long_side) if height <= width else (long_side, shortest_side)
     images = pil_bicubic_resize(images, new_height, new_width)
-    top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
+    if round_crop_offset:
+        top, left = int(round((new_height - crop_height) / 2)), int(round((new_width - crop_width) / 2))
+    else:
+        top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
     return images[..., top : top + crop_height, left : left + crop_width]
 
 
-def resize_longest_side_and_pad(images: torch.Tensor, size: int) -> torch.Tensor:
-    """HPSv2's recipe (open_clip's `ResizeMaxSize`): scale the longer side to `size`, pad with black to a square.
+def resize_longest_side_and_pad(images: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
+    """HPSv2's recipe (`hpsv2`'s open_clip: `ToTensor`, then `ResizeMaxSize`): scale the longer side to `size`, pad
+    with black to a square.
 
-    The shorter side becomes `round(short * size / long)`; the padding is centred, its odd pixel going to the right
-    or bottom.
+    The image is quantised to uint8 (the reference is given a PIL image), then resized as a float tensor by
+    torchvision's `F.resize(..., BICUBIC)`: one `interpolate` call, no rounding, no clamp. `antialias` is that
+    call's: torchvision antialiases tensors by default from 0.17 (2024) on, and did not up to 0.16, the setup the
+    published HPSv2 numbers were computed with. The shorter side becomes `round(short * size / long)`; the
+    padding is centred, its odd pixel going to the right or bottom.
     """
+    images = quantize_to_uint8_levels(images)
     height, width = images.shape[-2:]
     scale = size / max(height, width)
     new_height, new_width = round(height * scale), round(width * scale)
-    images = pil_bicubic_resize(images, new_height, new_width)
+    if (new_height, new_width) != (height, width):
+        images = F.interpolate(
+            images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=antialias
+        )
     pad_height, pad_width = size - new_height, size - new_width
     padding = (pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2)
     return F.pad(images, padding, value=0.0)

@@ -8,6 +8,16 @@ from collections.abc import Callable
 REWARDS: dict[str, tuple[str, str, dict]] = {
     "aesthetic": ("trl_noise_ppo.rewards.clip", "AestheticReward", {}),
     "clipscore": ("trl_noise_ppo.rewards.clip", "CLIPScoreReward", {}),
+    "clipscore_hessel": (
+        "trl_noise_ppo.rewards.clip",
+        "CLIPScoreReward",
+        {
+            "model_id": "openai/clip-vit-base-patch32",
+            "weight": 2.5,
+            "prefix": "A photo depicts ",
+            "name": "clipscore_hessel",
+        },
+    ),
     "pickscore": ("trl_noise_ppo.rewards.clip", "PickScoreReward", {}),
     "hpsv2": ("trl_noise_ppo.rewards.hps", "HPSv2Reward", {}),
     "hpsv2.1": ("trl_noise_ppo.rewards.hps", "HPSv2Reward", {"filename": "HPS_v2.1_compressed.pt", "name": "hpsv2.1"}),

@@ -1,8 +1,10 @@
 """A client for a reward served by another process (another GPU, another machine, another environment)."""
 
 import base64
+import http.client
 import io
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +29,7 @@ class HTTPReward:
     - request: `{"prompts": [str, ...], "images": [base64 PNG, ...]}`, one prompt per image;
     - response: `{"rewards": [float | null, ...]}`, one per image, null for an image it cannot score.
 
-    A request that fails (connection error, timeout, HTTP 5xx) is retried `retries` times, waiting
+    A request that fails (connection error, timeout, an answer cut short, HTTP 5xx) is retried `retries` times, waiting
     `backoff * 2**attempt` seconds before each retry; an HTTP 4xx, a malformed response or the last failure
     raises a `RuntimeError` that names the URL and the cause.
 
@@ -35,7 +37,7 @@ class HTTPReward:
         url: the server's scoring endpoint, e.g. "http://127.0.0.1:8000/score".
         name: the logging name, `rewards/<name>/mean`.
         batch_size: images per request.
-        timeout: seconds to wait for each request's answer.
+        timeout: seconds one request may take, from connecting to the answer's last byte.
         retries: retries of a failed request.
         backoff: seconds before the first retry; doubled for each further retry.
     """
@@ -49,6 +51,11 @@ class HTTPReward:
         retries: int = 3,
         backoff: float = 1.0,
     ):
+        if batch_size < 1 or retries < 0 or not timeout > 0 or not backoff >= 0:
+            raise ValueError(
+                f"HTTPReward needs batch_size >= 1, retries >= 0, timeout > 0 and backoff >= 0; got batch_size="
+                f"{batch_size}, retries={retries}, timeout={timeout}, backoff={backoff}."
+            )
         self.url = url
         self.__name__ = name
         self.batch_size = batch_size
@@ -71,14 +78,13 @@ class HTTPReward:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw_answer = response.read()
+                raw_answer = self._answer(request)
                 break
             except urllib.error.HTTPError as error:
                 if error.code < 500:  # the request itself is wrong: retrying cannot help
                     raise RuntimeError(f"{self.__name__}: {self.url} refused the request: {error}") from error
                 last_error = error
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
                 last_error = error
         else:
             raise RuntimeError(
@@ -95,3 +101,25 @@ class HTTPReward:
                 f'{{"rewards": [...]}} with {expected} values, one per image.'
             )
         return rewards
+
+    def _answer(self, request: urllib.request.Request) -> bytes:
+        """The whole answer to `request`, or `TimeoutError` when it has not come within `timeout` seconds. urllib's own
+        timeout bounds each read of the socket only: an answer trickled a byte at a time would never time out."""
+        outcome = {}
+
+        def fetch():
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    outcome["answer"] = response.read()
+            except Exception as error:  # raised again in the caller's thread
+                outcome["error"] = error
+
+        # a daemon thread, left behind on timeout: it ends with the connection, and never holds up the interpreter's exit
+        worker = threading.Thread(target=fetch, name="http-reward", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            raise TimeoutError(f"no complete answer within {self.timeout} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["answer"]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from trl import TrlParser
 from trl.trainer.utils import get_callable_name
 
-from ..rewards import call_reward_funcs, resolve_reward_funcs
+from ..rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 from .utils import (
     ModelArguments,
     PromptArguments,
@@ -40,6 +40,7 @@ from .utils import (
     image_seeds,
     load_prompts,
     load_tuned_pipeline,
+    parse_pipeline_kwargs,
     reward_funcs_from_names,
     seeded_generators,
 )
@@ -70,6 +71,9 @@ class EvaluateArguments:
             Image height; the generator only fits the resolution it was trained at.
         width (`int` or `None`, *optional*, defaults to `None`):
             Image width.
+        pipeline_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Further keyword arguments of every pipeline call (a JSON object on the command line), as in training:
+            use the training value.
         seed (`int`, *optional*, defaults to `0`):
             First seed; see the module docstring.
         grid_prompts (`int`, *optional*, defaults to `8`):
@@ -91,10 +95,20 @@ class EvaluateArguments:
     guidance_scale: float | None = field(default=None, metadata={"help": "Guidance scale; None: the pipeline's default."})
     height: int | None = field(default=None, metadata={"help": "Image height (the one the generator was trained at)."})
     width: int | None = field(default=None, metadata={"help": "Image width."})
+    pipeline_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Further keyword arguments of every pipeline call (JSON), as in training."}
+    )
     seed: int = field(default=0, metadata={"help": "First seed."})
     grid_prompts: int = field(default=8, metadata={"help": "Prompts shown in grid.png."})
     output_dir: str = field(default="noise_ppo_evaluation", metadata={"help": "Where the results are written."})
     device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
+
+    def __post_init__(self):
+        if min(self.num_inference_steps, default=0) < 1 or self.num_images_per_prompt < 1:
+            raise ValueError(
+                f"--num_inference_steps (got {self.num_inference_steps}) takes step counts of at least 1 and "
+                f"--num_images_per_prompt (got {self.num_images_per_prompt}) must be at least 1."
+            )
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -119,6 +133,7 @@ def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: Promp
     judge_funcs = resolve_reward_funcs(reward_funcs_from_names(args.judge_funcs)) if args.judge_funcs else []
     roles = ["reward"] * len(reward_funcs) + ["judge"] * len(judge_funcs)
     reward_funcs = reward_funcs + judge_funcs
+    check_reward_files(reward_funcs)
     prompts = load_prompts(args.prompts, prompt_args)
     if len(prompts) * args.num_images_per_prompt < 2:
         raise ValueError("A confidence interval needs at least two images: raise --num_images_per_prompt or add prompts.")
@@ -127,6 +142,7 @@ def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: Promp
     base = tuned.pipeline
     settings = {"guidance_scale": args.guidance_scale, "height": args.height, "width": args.width}
     call_kwargs = {name: value for name, value in settings.items() if value is not None}
+    call_kwargs.update(parse_pipeline_kwargs(args.pipeline_kwargs))
 
     # keyed by (pipeline, steps): a (images, reward functions) tensor per prompt; the first image of the first prompts
     rewards, grid_rows = {}, {}

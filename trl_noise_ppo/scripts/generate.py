@@ -21,6 +21,7 @@ from .utils import (
     image_seeds,
     load_prompts,
     load_tuned_pipeline,
+    parse_pipeline_kwargs,
     seeded_generators,
 )
 
@@ -43,6 +44,9 @@ class GenerateArguments:
             Image height; the generator only fits the resolution it was trained at.
         width (`int` or `None`, *optional*, defaults to `None`):
             Image width.
+        pipeline_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Further keyword arguments of every pipeline call (a JSON object on the command line), as in training:
+            use the training value.
         seed (`int`, *optional*, defaults to `0`):
             First seed; see the module docstring.
         output_dir (`str`, *optional*, defaults to `"noise_ppo_images"`):
@@ -58,9 +62,19 @@ class GenerateArguments:
     guidance_scale: float | None = field(default=None, metadata={"help": "Guidance scale; None: the pipeline's default."})
     height: int | None = field(default=None, metadata={"help": "Image height (the one the generator was trained at)."})
     width: int | None = field(default=None, metadata={"help": "Image width."})
+    pipeline_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Further keyword arguments of every pipeline call (JSON), as in training."}
+    )
     seed: int = field(default=0, metadata={"help": "First seed."})
     output_dir: str = field(default="noise_ppo_images", metadata={"help": "Where the images are written."})
     device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
+
+    def __post_init__(self):
+        if self.num_images_per_prompt < 1 or (self.num_inference_steps is not None and self.num_inference_steps < 1):
+            raise ValueError(
+                f"--num_images_per_prompt (got {self.num_images_per_prompt}) and --num_inference_steps (got "
+                f"{self.num_inference_steps}) must be at least 1."
+            )
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -78,6 +92,7 @@ def main(args: GenerateArguments, model_args: ModelArguments, prompt_args: Promp
         "width": args.width,
     }
     call_kwargs = {name: value for name, value in settings.items() if value is not None}  # None: the pipeline's default
+    call_kwargs.update(parse_pipeline_kwargs(args.pipeline_kwargs))
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,10 @@ examples/accelerate_configs/multi_gpu.yaml`, go to accelerate), or directly as
 `accelerate launch -m trl_noise_ppo.scripts.train --config ...`.
 """
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -99,7 +102,9 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
         noise_generator=train_args.noise_generator_name_or_path,
         peft_config=lora_config(train_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    # `--resume_from_checkpoint True` (a string on the command line): the last checkpoint in output_dir
+    trainer.train(resume_from_checkpoint=True if resume in ("True", "true") else resume)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(
         f"Trained on {trainer.accelerator.num_processes} process(es); noise generator saved to {training_args.output_dir}."
@@ -115,5 +120,20 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
     trainer.end()
 
 
+def die_with_launcher() -> None:
+    """Makes the kernel kill this process when the `trl-noise-ppo train` that launched it dies, even by `kill -9`,
+    which no handler of its own can forward: an orphaned run would go on writing into the output folder."""
+    launcher_pid = os.environ.get("TRL_NOISE_PPO_LAUNCHER_PID")
+    if launcher_pid is None or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        os.kill(int(launcher_pid), 0)
+    except ProcessLookupError:  # it died before the line above
+        os._exit(1)
+
+
 if __name__ == "__main__":
+    die_with_launcher()
     main(*make_parser().parse_args_and_config(fail_with_unknown_args=False))

@@ -1,6 +1,7 @@
 """What the `trl-noise-ppo` commands share: the pipeline and prompt arguments, and loading them with clear errors."""
 
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -215,3 +216,15 @@ def image_seeds(seed: int, prompt_index: int, num_images_per_prompt: int) -> lis
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     # CPU generators draw the same noise whatever the device the pipeline runs on
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def parse_pipeline_kwargs(pipeline_kwargs: dict | str | None) -> dict:
+    """`--pipeline_kwargs` as a dict: given as a JSON object on the command line, or as a mapping in a YAML config."""
+    if isinstance(pipeline_kwargs, str):
+        try:
+            pipeline_kwargs = json.loads(pipeline_kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--pipeline_kwargs must be a JSON object, got {pipeline_kwargs!r} ({error}).") from None
+    if not isinstance(pipeline_kwargs, dict | None):
+        raise ValueError(f"--pipeline_kwargs must be a JSON object, got {pipeline_kwargs!r}.")
+    return dict(pipeline_kwargs or {})

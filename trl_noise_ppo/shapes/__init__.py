@@ -13,14 +13,16 @@ Example:
 """
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from .judge import ShapesJudge
 from .render import balanced_prompts, held_out_prompts, parse_caption, render_example, training_prompts
 from .reward import REWARD_PATH, ShapesAlignmentReward, ShapesClassifier, alignment_rate
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 SHAPES_PIPELINE_PATH = str(Path(__file__).parent / "weights" / "pipeline")
 # The guidance scale at which the bundled model follows its training prompts best (judge-correct share), by steps,
@@ -30,8 +32,12 @@ RECOMMENDED_GUIDANCE_SCALES = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0}
 
 def load_shapes_pipeline(
     device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> StableDiffusionPipeline:
+) -> "StableDiffusionPipeline":
     """The bundled shapes-world `StableDiffusionPipeline` (32 x 32 images, 4 x 8 x 8 latents), loaded offline."""
+    # Imported here: diffusers' Stable Diffusion module imports transformers' CLIPImageProcessor, which without
+    # torchvision logs a warning; importing the shapes world should print nothing.
+    from diffusers import StableDiffusionPipeline
+
     pipeline = StableDiffusionPipeline.from_pretrained(SHAPES_PIPELINE_PATH, dtype=dtype or torch.float32)
     return pipeline.to(device) if device is not None else pipeline
 
