@@ -52,7 +52,7 @@ def test_render_is_deterministic_in_the_seed():
 
 def test_captions_match_attribute_labels():
     scenes = all_scenes()
-    assert len({scene.caption for scene in scenes}) == len(scenes) == 90 + 612 + 54 + 3240
+    assert len({scene.caption for scene in scenes}) == len(scenes) == 90 + 612 + 72 + 3240
     for scene in scenes:
         assert parse_caption(scene.caption) == scene
         labels = scene.labels
@@ -74,7 +74,7 @@ def test_split_is_fixed_disjoint_and_covers_every_attribute():
     training, held_out = training_prompts(), held_out_prompts()
     assert not set(training) & set(held_out)
     assert sorted(training + held_out) == sorted(scene.caption for scene in all_scenes())
-    assert [len(held_out_prompts((kind,))) for kind in KINDS] == [18, 122, 12, 648]
+    assert [len(held_out_prompts((kind,))) for kind in KINDS] == [18, 122, 15, 648]
     # Every colour, shape and position still appears in the training prompts of one object.
     training_scenes = [parse_caption(p) for p in training_prompts(("single",))]
     assert {s.objects[0][0] for s in training_scenes} == set(COLOUR_NAMES)
@@ -87,7 +87,7 @@ def test_balanced_prompts_weigh_every_kind_the_same_and_stay_in_their_split():
     prompts = balanced_prompts("held-out", 400)
     assert prompts == balanced_prompts("held-out", 400)
     assert [sum(parse_caption(p).kind == kind for p in prompts) for kind in KINDS] == [100] * 4
-    assert set(prompts) <= set(held_out_prompts()) and len(set(prompts)) == 18 + 100 + 12 + 100
+    assert set(prompts) <= set(held_out_prompts()) and len(set(prompts)) == 18 + 100 + 15 + 100
     assert set(balanced_prompts("training", 400)) <= set(training_prompts())
     with pytest.raises(ValueError, match="held-out"):
         balanced_prompts("test", 4)

@@ -202,25 +202,32 @@ def _in_relation(first, second, layout: str) -> bool:
 
 
 def _placement(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, float]]:
-    """(x, y, radius) of each object, drawn until the caption holds with a margin and no two objects touch."""
+    """(x, y, radius) of each object, placed one after another where the caption holds with a margin and no two objects
+    touch; a placement that gets stuck starts over."""
     if scene.kind == "single":
         x, y = (c + rng.uniform(-_JITTER, _JITTER) for c in _CENTRES[scene.layout])
         return [(x, y, rng.uniform(*_RADIUS["single"]))]
-    while True:
-        radii = rng.uniform(*_RADIUS[scene.kind], size=len(scene.objects))
-        if scene.kind == "row":
-            height = rng.uniform(radii.max() + _ROW_SPREAD + 1, IMAGE_SIZE - radii.max() - _ROW_SPREAD - 1)
-            xs = np.sort(rng.uniform(radii + 1, IMAGE_SIZE - radii - 1))
-            ys = height + rng.uniform(-_ROW_SPREAD, _ROW_SPREAD, size=3)
-        else:
-            xs, ys = (rng.uniform(radii + 1, IMAGE_SIZE - radii - 1) for _ in range(2))
-        objects = list(zip(xs.tolist(), ys.tolist(), radii.tolist()))
-        apart = all(
-            np.hypot(a[0] - b[0], a[1] - b[1]) >= a[2] + b[2] + _GAP for i, a in enumerate(objects) for b in objects[i + 1 :]
-        )
-        ordered = scene.kind == "count" or all(_in_relation(a, b, scene.layout) for a, b in zip(objects, objects[1:]))
-        if apart and ordered:
+    row_height = rng.uniform(_RADIUS["row"][1] + _ROW_SPREAD + 1, IMAGE_SIZE - _RADIUS["row"][1] - _ROW_SPREAD - 1)
+    objects: list[tuple[float, float, float]] = []
+    for _ in range(100 * len(scene.objects)):
+        if len(objects) == len(scene.objects):
             return objects
+        radius = rng.uniform(*_RADIUS[scene.kind])
+        x, y = rng.uniform(radius + 1, IMAGE_SIZE - radius - 1, size=2)
+        if scene.kind == "row":  # left to right: each object to the right of the last, or start over
+            low, high = (objects[-1][0] + _MIN_ALONG if objects else radius + 1), IMAGE_SIZE - radius - 1
+            if low > high:
+                objects = []
+                continue
+            x, y = rng.uniform(low, high), row_height + rng.uniform(-_ROW_SPREAD, _ROW_SPREAD)
+        candidate = (float(x), float(y), float(radius))
+        apart = all(np.hypot(x - other[0], y - other[1]) >= radius + other[2] + _GAP for other in objects)
+        ordered = scene.kind == "count" or not objects or _in_relation(objects[-1], candidate, scene.layout)
+        if apart and ordered:
+            objects.append(candidate)
+        elif rng.random() < 0.05:  # stuck, e.g. the first object of a row too far right: start over
+            objects = []
+    return objects if len(objects) == len(scene.objects) else _placement(scene, rng)
 
 
 def render_scene(scene: Scene, seed: int) -> torch.Tensor:
