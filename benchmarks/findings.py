@@ -51,6 +51,7 @@ VARIANTS = {
     "epsilon=0.001": {"epsilon": 0.001},
     "lr=3e-4": {"learning_rate": 3e-4},
     "lr=3e-3": {"learning_rate": 3e-3},
+    "token_attention": {"generator_architecture": "token_attention"},
 }
 
 

@@ -7,6 +7,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from trl_noise_ppo.shapes import (
+    RECOMMENDED_GUIDANCE_SCALES,
     SHAPES_PIPELINE_PATH,
     ShapesAlignmentReward,
     alignment_rate,
@@ -133,16 +134,19 @@ def test_noise_ppo_raises_alignment_on_the_bundled_model(tmp_path):
     pipe = load_shapes_pipeline()
     reward = ShapesAlignmentReward()
     prompts = balanced_prompts("training", 64)
+    guidance_scale = RECOMMENDED_GUIDANCE_SCALES[1]
     args = NoisePPOConfig(
-        output_dir=str(tmp_path), num_inference_steps=1, num_generations=8, per_device_train_batch_size=64,
-        num_iterations=4, max_steps=4 * 20, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path), num_inference_steps=1, guidance_scale=guidance_scale, num_generations=8,
+        per_device_train_batch_size=64, num_iterations=4, max_steps=4 * 20, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
     )
     trainer = NoisePPOTrainer(pipe, reward, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}))
     eps = torch.randn(2 * len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(1))
     evaluated = prompts * 2
 
     def scores(generator):
-        images = NoisePPOPipeline(pipe, generator)(evaluated, latents=eps, num_inference_steps=1, output_type="pt").images
+        images = NoisePPOPipeline(pipe, generator)(
+            evaluated, latents=eps, num_inference_steps=1, guidance_scale=guidance_scale, output_type="pt"
+        ).images
         return torch.tensor(reward(images=images, prompts=evaluated))
 
     before = scores(NoiseGenerator(trainer.model.config))
