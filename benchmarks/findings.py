@@ -1,15 +1,17 @@
-"""The paper's claims, measured in the shapes world: does Noise PPO raise alignment, most at few steps, on prompts it
-never trained on?
+"""The paper's claims, measured in the shapes world by a judge the method never saw: does Noise PPO make the base model
+follow its prompts more often, most at few steps, on prompts it never trained on?
 
-For each number of inference steps, a generator is trained on the shapes world's training prompts with its alignment
-reward, then the base model, Noise PPO and the base model's best-of-4 (four seeds, the best by the same reward: the
-inference-time alternative) are scored on the training prompts and on the held-out prompts (colour-shape-position
-combinations never trained on). Base and Noise PPO images share their `eps`, so their difference is paired; intervals
-are 95% normal intervals over images, as `trl-noise-ppo evaluate` computes them: mean +/- 1.96 * std / sqrt(n).
-Writes `findings.json`, `findings.md` and `findings.png` to `--output_dir`.
+For each number of inference steps (at the base model's best guidance scale there, `RECOMMENDED_GUIDANCE_SCALES`), a
+generator is trained on category-balanced training prompts with the learned reward (`ShapesAlignmentReward`), then the
+base model, Noise PPO and the base model's best-of-4 (four seeds, the best chosen by the same reward: the
+inference-time alternative) make images for training and held-out prompts. Every image is scored three ways: the
+reward, the reward classifier's alignment rate (its argmax agrees with every stated attribute) and the analytic
+judge (`ShapesJudge`, which shares nothing learned with the reward). Base and Noise PPO images share their `eps`, so
+their differences are paired; intervals are 95% normal intervals over images, as `trl-noise-ppo evaluate` computes
+them. Writes `findings.json`, `findings.md` and `findings.png` to `--output_dir`.
 
-    python -m benchmarks.findings --output_dir outputs/findings                       # the docs' table
-    python -m benchmarks.findings --architectures pooled_mlp token_attention --steps 1  # the architecture comparison
+    python -m benchmarks.findings --output_dir outputs/findings                                # the docs' table
+    python -m benchmarks.findings --steps 1 --variants default beta=0.1 learn_sigma ...        # the levers compared
 """
 
 import json
@@ -26,26 +28,40 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
-from trl_noise_ppo.scripts.evaluate import interval as evaluate_interval  # noqa: E402
 from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer  # noqa: E402
+from trl_noise_ppo.scripts.evaluate import interval as evaluate_interval  # noqa: E402
 from trl_noise_ppo.shapes import (  # noqa: E402
+    RECOMMENDED_GUIDANCE_SCALES,
     ShapesAlignmentReward,
     ShapesClassifier,
-    held_out_prompts,
+    ShapesJudge,
+    balanced_prompts,
     load_shapes_pipeline,
-    training_prompts,
 )
 from trl_noise_ppo.shapes.reward import is_aligned  # noqa: E402
+
+
+# The method's levers, as NoisePPOConfig overrides of the defaults (docs/benchmarks.md compares them).
+VARIANTS = {
+    "default": {},
+    "beta=0": {"beta": 0.0},
+    "beta=0.1": {"beta": 0.1},
+    "beta=1": {"beta": 1.0},
+    "learn_sigma": {"learn_sigma": True},
+    "epsilon=0.001": {"epsilon": 0.001},
+    "lr=3e-4": {"learning_rate": 3e-4},
+    "lr=3e-3": {"learning_rate": 3e-3},
+    "token_attention": {"generator_architecture": "token_attention"},
+}
 
 
 @dataclass
 class FindingsArguments:
     output_dir: str = "outputs/findings"
-    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    architectures: list[str] = field(default_factory=lambda: ["pooled_mlp"])
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    variants: list[str] = field(default_factory=lambda: ["default"], metadata={"help": f"Of {', '.join(VARIANTS)}."})
     generation_batches: int = 100
-    learning_rate: float = 1e-3
-    beta: float = 0.01
+    num_training_prompts: int = 1024
     images_per_set: int = 512
     seed: int = 0
 
@@ -57,91 +73,115 @@ def interval(values: torch.Tensor) -> dict:
     return {"mean": stats["mean"], "ci95": (high - low) / 2}
 
 
-def fmt(stat: dict) -> str:
-    return f"{stat['mean']:.3f} ± {stat['ci95']:.3f}"
-
-
-def evaluate(pipeline, prompts, steps, eps, reward, classifier):
-    images = pipeline(prompts, latents=eps, num_inference_steps=steps, output_type="pt").images
-    return torch.tensor(reward(images=images, prompts=prompts)), is_aligned(classifier, images, prompts).float()
+def score(pipeline, prompts, steps, guidance_scale, eps, reward, classifier, judge) -> dict[str, torch.Tensor]:
+    images = pipeline(prompts, latents=eps, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt").images
+    return {
+        "reward": torch.tensor(reward(images=images, prompts=prompts)),
+        "classifier": is_aligned(classifier, images, prompts).float(),
+        "judge": torch.tensor(judge(images=images, prompts=prompts)),
+    }
 
 
 def main(args: FindingsArguments):
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"Unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}.")
     os.makedirs(args.output_dir, exist_ok=True)
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    reward, classifier = ShapesAlignmentReward(), ShapesClassifier.from_pretrained()
-    sets = {"training": training_prompts(), "held-out": held_out_prompts()}
+    reward, classifier, judge = ShapesAlignmentReward(), ShapesClassifier.from_pretrained(), ShapesJudge()
+    train_dataset = Dataset.from_dict({"prompt": balanced_prompts("training", args.num_training_prompts)})
+    sets = {name: balanced_prompts(name, args.images_per_set) for name in ("training", "held-out")}
     results = []
-    for architecture in args.architectures:
+    for variant in args.variants:
         for steps in args.steps:
-            start = time.time()
+            start, guidance_scale = time.time(), RECOMMENDED_GUIDANCE_SCALES[steps]
             config = NoisePPOConfig(
-                output_dir=os.path.join(args.output_dir, f"{architecture}-{steps}-steps"),
-                num_inference_steps=steps, num_generations=8, per_device_train_batch_size=64, num_iterations=4,
-                max_steps=4 * args.generation_batches, learning_rate=args.learning_rate, beta=args.beta,
-                generator_architecture=architecture, save_strategy="no",
-                report_to="none", disable_tqdm=True, logging_steps=4, seed=args.seed,
+                output_dir=os.path.join(args.output_dir, f"{variant}-{steps}-steps"),
+                num_inference_steps=steps, guidance_scale=guidance_scale, num_generations=8,
+                per_device_train_batch_size=64, num_iterations=4, max_steps=4 * args.generation_batches,
+                save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=4, seed=args.seed,
+                **VARIANTS[variant],
             )
-            trainer = NoisePPOTrainer(pipe, reward, args=config, train_dataset=Dataset.from_dict({"prompt": sets["training"]}))
+            trainer = NoisePPOTrainer(pipe, reward, args=config, train_dataset=train_dataset)
             trainer.train()
             trainer.save_model()
             base = NoisePPOPipeline(pipe, NoiseGenerator(trainer.model.config))  # untrained: exactly the base model
             tuned = NoisePPOPipeline(pipe, trainer.model)
-            row = {"architecture": architecture, "steps": steps, "train_seconds": round(time.time() - start, 1)}
-            for name, prompt_set in sets.items():
-                prompts = [prompt_set[i % len(prompt_set)] for i in range(args.images_per_set)]
+            drift = trainer.state.log_history[-2] if len(trainer.state.log_history) > 1 else {}
+            row = {
+                "variant": variant, "steps": steps, "guidance_scale": guidance_scale,
+                "train_seconds": round(time.time() - start, 1), "reward_queries": trainer.state.global_step // 4 * 64,
+                "final_mu_rms": drift.get("policy/mu_rms"), "final_sigma": drift.get("policy/sigma"),
+            }
+            for name, prompts in sets.items():
                 noise = torch.Generator().manual_seed(args.seed + 1)
-                eps = torch.randn(5, len(prompts), *trainer.model.config.noise_shape, generator=noise)
-                base_reward, base_aligned = evaluate(base, prompts, steps, eps[0], reward, classifier)
-                tuned_reward, tuned_aligned = evaluate(tuned, prompts, steps, eps[0], reward, classifier)
-                best_of_4 = torch.stack(
-                    [base_reward] + [evaluate(base, prompts, steps, eps[i], reward, classifier)[0] for i in (1, 2, 3)]
-                ).max(dim=0).values
+                eps = torch.randn(4, len(prompts), *trainer.model.config.noise_shape, generator=noise)
+                base_scores = [score(base, prompts, steps, guidance_scale, eps[i], reward, classifier, judge) for i in range(4)]
+                tuned_scores = score(tuned, prompts, steps, guidance_scale, eps[0], reward, classifier, judge)
+                pick = torch.stack([s["reward"] for s in base_scores]).argmax(dim=0)  # best-of-4 by the reward
+                best_of_4 = {m: torch.stack([s[m] for s in base_scores]).gather(0, pick[None])[0] for m in tuned_scores}
                 row[name] = {
-                    "base": interval(base_reward),
-                    "noise_ppo": interval(tuned_reward),
-                    "gain": interval(tuned_reward - base_reward),
-                    "best_of_4": interval(best_of_4),
-                    "base_alignment_rate": interval(base_aligned),
-                    "noise_ppo_alignment_rate": interval(tuned_aligned),
+                    metric: {
+                        "base": interval(base_scores[0][metric]),
+                        "noise_ppo": interval(tuned_scores[metric]),
+                        "gain": interval(tuned_scores[metric] - base_scores[0][metric]),
+                        "best_of_4": interval(best_of_4[metric]),
+                        "noise_ppo_minus_best_of_4": interval(tuned_scores[metric] - best_of_4[metric]),
+                    }
+                    for metric in tuned_scores
                 }
             results.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
 
     with open(os.path.join(args.output_dir, "findings.json"), "w") as f:
         json.dump({"arguments": asdict(args), "results": results}, f, indent=2)
-    lines = [
-        "| architecture | steps | prompts | base | Noise PPO | gain (paired) | base best-of-4 | alignment rate base → Noise PPO |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in results:
-        for name in sets:
-            r = row[name]
-            lines.append(
-                f"| {row['architecture']} | {row['steps']} | {name} | {fmt(r['base'])} | {fmt(r['noise_ppo'])} | "
-                f"{fmt(r['gain'])} | {fmt(r['best_of_4'])} | "
-                f"{r['base_alignment_rate']['mean']:.2f} → {r['noise_ppo_alignment_rate']['mean']:.2f} |"
-            )
-    table = "\n".join(lines)
+    table = markdown_table(results, sets)
     with open(os.path.join(args.output_dir, "findings.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    plot(results, args.variants, os.path.join(args.output_dir, "findings.png"))
 
-    plt.figure(figsize=(6, 3.5))
-    for architecture in args.architectures:
-        rows = [row for row in results if row["architecture"] == architecture]
-        for name, marker in (("training", "o"), ("held-out", "s")):
-            plt.errorbar([row["steps"] for row in rows], [row[name]["gain"]["mean"] for row in rows],
-                         yerr=[row[name]["gain"]["ci95"] for row in rows], marker=marker, capsize=3,
-                         label=f"{architecture}, {name} prompts")
-    plt.axhline(0, color="grey", linewidth=0.8)
-    plt.xscale("log", base=2)
-    plt.xlabel("inference steps")
-    plt.ylabel("alignment reward gain over base")
-    plt.legend(fontsize=7)
-    plt.tight_layout()
-    plt.savefig(os.path.join(args.output_dir, "findings.png"), dpi=120)
+
+def markdown_table(results: list[dict], sets: dict) -> str:
+    def gain(stat: dict) -> str:
+        return f"{stat['mean']:+.3f} ± {stat['ci95']:.3f}"
+
+    lines = [
+        "| variant | steps | guidance | prompts | judge: base → Noise PPO | judge gain | classifier gain | reward gain "
+        "| judge: best-of-4 | judge: Noise PPO − best-of-4 | mu_rms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        for name in sets:
+            judge, classifier, reward = row[name]["judge"], row[name]["classifier"], row[name]["reward"]
+            mu_rms = f"{row['final_mu_rms']:.2f}" if row["final_mu_rms"] is not None else "-"
+            lines.append(
+                f"| {row['variant']} | {row['steps']} | {row['guidance_scale']:g} | {name} | "
+                f"{judge['base']['mean']:.3f} → {judge['noise_ppo']['mean']:.3f} | {gain(judge['gain'])} | "
+                f"{gain(classifier['gain'])} | {gain(reward['gain'])} | {judge['best_of_4']['mean']:.3f} | "
+                f"{gain(judge['noise_ppo_minus_best_of_4'])} | {mu_rms} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], variants: list[str], path: str) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for axis, name in zip(axes, ("held-out", "training")):
+        for variant in variants:
+            rows = [row for row in results if row["variant"] == variant]
+            for metric, marker in (("judge", "o"), ("classifier", "s")):
+                axis.errorbar([row["steps"] for row in rows], [row[name][metric]["gain"]["mean"] for row in rows],
+                              yerr=[row[name][metric]["gain"]["ci95"] for row in rows], marker=marker, capsize=3,
+                              label=f"{variant}: {metric}")
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("inference steps")
+        axis.set_title(f"{name} prompts")
+    axes[0].set_ylabel("gain in share of images right")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

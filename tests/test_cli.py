@@ -26,6 +26,10 @@ def brightness(images, **kwargs):
     return images.mean(dim=(1, 2, 3)).tolist()
 
 
+def darkness(images, **kwargs):
+    return (1 - images.mean(dim=(1, 2, 3))).tolist()
+
+
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     """A tiny Stable Diffusion pipeline saved to a folder, as a Hub pipeline would be downloaded."""
@@ -161,7 +165,7 @@ def test_training_process_dies_with_a_killed_command(tmp_path, tiny_sd, prompt_f
 
 def evaluate(tmp_path, generator, steps=("1", "2"), extra=()):
     main(["evaluate", "--noise_generator", str(generator), "--reward_funcs", "tests.test_cli.brightness",
-          "jpeg_compressibility", "--prompts", "a red circle", "a blue square", "--num_inference_steps", *steps,
+          "jpeg_compressibility", "--judge_funcs", "tests.test_cli.darkness", "--prompts", "a red circle", "a blue square", "--num_inference_steps", *steps,
           "--num_images_per_prompt", "3", "--height", "64", "--width", "64", "--output_dir", str(tmp_path / "eval"),
           "--device", "cpu", *extra])
     return json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -170,8 +174,11 @@ def evaluate(tmp_path, generator, steps=("1", "2"), extra=()):
 def test_evaluate_writes_table_json_and_grid(tmp_path, tiny_sd):
     report = evaluate(tmp_path, generator_for(tiny_sd, tmp_path / "generator", perturbed=True))
     results = report["results"]
-    assert [(r["num_inference_steps"], r["reward"]) for r in results] == [
-        (1, "brightness"), (1, "jpeg_compressibility"), (2, "brightness"), (2, "jpeg_compressibility")]
+    assert [(r["num_inference_steps"], r["reward"], r["role"]) for r in results] == [
+        (steps, name, role) for steps in (1, 2)
+        for name, role in (("brightness", "reward"), ("jpeg_compressibility", "reward"), ("darkness", "judge"))]
+    for steps_results in (results[:3], results[3:]):  # the judge scored the very images the rewards scored
+        np.testing.assert_allclose(steps_results[2]["tuned_rewards"], 1 - np.array(steps_results[0]["tuned_rewards"]), atol=1e-6)
 
     for result in results:
         # mean +/- 1.96 s / sqrt(n) over the 2 prompts x 3 images
@@ -184,7 +191,8 @@ def test_evaluate_writes_table_json_and_grid(tmp_path, tiny_sd):
     assert any(abs(result["difference"]["mean"]) > 0 for result in results)  # the perturbed generator changes images
 
     table = (tmp_path / "eval" / "results.md").read_text()
-    assert "| steps | reward | base | tuned | difference |" in table
+    assert "| steps | reward or judge | base | tuned | difference |" in table
+    assert "| 1 | darkness (judge) |" in table
     assert "| 2 | jpeg_compressibility |" in table and "2 prompts x 3 images" in table
     grid = Image.open(tmp_path / "eval" / "grid.png")
     assert grid.size == (110 + 2 * 256, 4 * 256)  # 2 prompts; base and tuned rows at 2 step counts

@@ -7,6 +7,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from trl_noise_ppo.shapes import (
+    RECOMMENDED_GUIDANCE_SCALES,
     SHAPES_PIPELINE_PATH,
     ShapesAlignmentReward,
     alignment_rate,
@@ -16,14 +17,15 @@ from trl_noise_ppo.shapes import (
 )
 from trl_noise_ppo.shapes.render import (
     COLOUR_NAMES,
+    KINDS,
     LAYOUTS,
     POSITION_NAMES,
     SHAPES,
     all_scenes,
+    balanced_prompts,
     parse_caption,
     render_batch,
     render_example,
-    single_object_scenes,
 )
 
 
@@ -51,18 +53,20 @@ def test_render_is_deterministic_in_the_seed():
 
 def test_captions_match_attribute_labels():
     scenes = all_scenes()
-    assert len({scene.caption for scene in scenes}) == len(scenes) == 90 + 612
+    assert len({scene.caption for scene in scenes}) == len(scenes) == 90 + 612 + 72 + 3240
     for scene in scenes:
         assert parse_caption(scene.caption) == scene
         labels = scene.labels
-        (colour, shape), *rest = scene.objects
         assert LAYOUTS[labels["layout"]] == scene.layout
-        assert (COLOUR_NAMES[labels["colour_a"]], SHAPES[labels["shape_a"]]) == (colour, shape)
-        assert colour in scene.caption.split() and shape in scene.caption.split()
-        if rest:
-            assert (COLOUR_NAMES[labels["colour_b"]], SHAPES[labels["shape_b"]]) == rest[0]
-        else:
-            assert labels["colour_b"] == labels["shape_b"] == -1
+        assert labels["count"] + 1 == len(scene.objects)
+        distinct = scene.objects[:1] if scene.kind == "count" else scene.objects
+        for slot, name in enumerate("abc"):
+            if slot < len(distinct):
+                assert (COLOUR_NAMES[labels[f"colour_{name}"]], SHAPES[labels[f"shape_{name}"]]) == distinct[slot]
+            else:
+                assert labels[f"colour_{name}"] == labels[f"shape_{name}"] == -1
+    assert parse_caption("three blue squares").objects == (("blue", "square"),) * 3
+    assert parse_caption("a red circle left of a blue square left of a white triangle").kind == "row"
     with pytest.raises(ValueError):
         parse_caption("a pink hexagon on the moon")
 
@@ -71,18 +75,28 @@ def test_split_is_fixed_disjoint_and_covers_every_attribute():
     training, held_out = training_prompts(), held_out_prompts()
     assert not set(training) & set(held_out)
     assert sorted(training + held_out) == sorted(scene.caption for scene in all_scenes())
-    assert len(held_out_prompts(include_two_objects=False)) == 18
+    assert [len(held_out_prompts((kind,))) for kind in KINDS] == [18, 122, 15, 648]
     # Every colour, shape and position still appears in the training prompts of one object.
-    training_scenes = [parse_caption(p) for p in training_prompts(include_two_objects=False)]
+    training_scenes = [parse_caption(p) for p in training_prompts(("single",))]
     assert {s.objects[0][0] for s in training_scenes} == set(COLOUR_NAMES)
     assert {s.objects[0][1] for s in training_scenes} == set(SHAPES)
     assert {s.layout for s in training_scenes} == set(POSITION_NAMES)
     assert "a red circle on the left" in held_out  # pinned: the split must not move silently
 
 
+def test_balanced_prompts_weigh_every_kind_the_same_and_stay_in_their_split():
+    prompts = balanced_prompts("held-out", 400)
+    assert prompts == balanced_prompts("held-out", 400)
+    assert [sum(parse_caption(p).kind == kind for p in prompts) for kind in KINDS] == [100] * 4
+    assert set(prompts) <= set(held_out_prompts()) and len(set(prompts)) == 18 + 100 + 15 + 100
+    assert set(balanced_prompts("training", 400)) <= set(training_prompts())
+    with pytest.raises(ValueError, match="held-out"):
+        balanced_prompts("test", 4)
+
+
 def test_bundled_pipeline_loads_offline_and_generates_from_given_latents(pipeline):
     assert type(DiffusionPipeline.from_pretrained(SHAPES_PIPELINE_PATH)) is StableDiffusionPipeline
-    prompts = ["a red circle on the left", "a green triangle left of a yellow circle"]
+    prompts = ["a red circle on the left", "three blue squares"]
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     images = pipeline(prompts, num_inference_steps=1, latents=latents, output_type="pt").images
     again = pipeline(prompts, num_inference_steps=1, latents=latents, output_type="pt").images
@@ -98,7 +112,7 @@ def test_tokenizer_has_one_token_per_caption_word(pipeline):
 
 
 def test_reward_prefers_an_image_of_the_prompt(reward):
-    scenes = single_object_scenes()[::9] + all_scenes()[100::61]
+    scenes = all_scenes()[::97]
     images, captions, _ = render_batch(range(len(scenes)), scenes)
     mismatched_images = images.roll(1, dims=0)  # each caption paired with another scene's image
     matching = torch.tensor(reward(images=images, prompts=captions, trainer_state=None))
@@ -119,17 +133,20 @@ def test_noise_ppo_raises_alignment_on_the_bundled_model(tmp_path):
 
     pipe = load_shapes_pipeline()
     reward = ShapesAlignmentReward()
-    prompts = training_prompts()[::4]
+    prompts = balanced_prompts("training", 64)
+    guidance_scale = RECOMMENDED_GUIDANCE_SCALES[1]
     args = NoisePPOConfig(
-        output_dir=str(tmp_path), num_inference_steps=1, num_generations=8, per_device_train_batch_size=64,
-        num_iterations=4, max_steps=4 * 20, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path), num_inference_steps=1, guidance_scale=guidance_scale, num_generations=8,
+        per_device_train_batch_size=64, num_iterations=4, max_steps=4 * 20, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
     )
     trainer = NoisePPOTrainer(pipe, reward, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}))
     eps = torch.randn(2 * len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(1))
     evaluated = prompts * 2
 
     def scores(generator):
-        images = NoisePPOPipeline(pipe, generator)(evaluated, latents=eps, num_inference_steps=1, output_type="pt").images
+        images = NoisePPOPipeline(pipe, generator)(
+            evaluated, latents=eps, num_inference_steps=1, guidance_scale=guidance_scale, output_type="pt"
+        ).images
         return torch.tensor(reward(images=images, prompts=evaluated))
 
     before = scores(NoiseGenerator(trainer.model.config))
@@ -137,3 +154,18 @@ def test_noise_ppo_raises_alignment_on_the_bundled_model(tmp_path):
     gain = scores(trainer.model) - before
     standard_error = gain.std() / len(gain) ** 0.5
     assert gain.mean() > 3 * standard_error, (gain.mean().item(), standard_error.item())
+
+
+def test_evaluate_base_picks_the_guidance_by_training_prompts(tmp_path, capsys):
+    from trl_noise_ppo.shapes.evaluate_base import EvaluateBaseArguments, main
+
+    report = main(EvaluateBaseArguments(steps=[1], guidance_scales=[1.0, 7.5], num_images=8, output_dir=str(tmp_path)))
+    cells = report["cells"]
+    assert [(c["steps"], c["guidance_scale"]) for c in cells] == [(1, 1.0), (1, 7.5)]
+    best = max(cells, key=lambda c: c["training"]["judge"])
+    assert report["best_guidance_scale"] == {1: best["guidance_scale"]}
+    for cell in cells:
+        for split in ("training", "held-out"):
+            by_kind = cell[split]["judge_by_kind"]
+            assert sum(by_kind.values()) / 4 == pytest.approx(cell[split]["judge"])  # 2 images of each kind
+    assert (tmp_path / "evaluate_base.json").exists() and "| steps | best guidance |" in capsys.readouterr().out

@@ -25,6 +25,7 @@ REWARDS: dict[str, tuple[str, str, dict]] = {
     "jpeg_compressibility": ("trl_noise_ppo.rewards.jpeg", "JPEGCompressibilityReward", {}),
     "jpeg_incompressibility": ("trl_noise_ppo.rewards.jpeg", "JPEGIncompressibilityReward", {}),
     "shapes_alignment": ("trl_noise_ppo.shapes.reward", "ShapesAlignmentReward", {}),
+    "shapes_judge": ("trl_noise_ppo.shapes.judge", "ShapesJudge", {}),
 }
 
 

@@ -1,6 +1,11 @@
 """
 Compares a base pipeline with the same pipeline and a trained noise generator, on the same prompts and seeds.
 
+Judges (`--judge_funcs`) score the same images as the rewards (`--reward_funcs`) and are reported beside them. Train
+on one reward and judge with others that share nothing learned with it (for real models e.g. PickScore against
+HPSv2, ImageReward and CLIPScore; in the shapes world the learned `shapes_alignment` against the analytic
+`shapes_judge`): a gain the reward sees and the judges do not is reward hacking.
+
 For every step count and prompt, both make `num_images_per_prompt` images from the same seeds (image j of prompt i
 has seed `seed + i * num_images_per_prompt + j`), and every reward scores them. Over the n = prompts x images
 rewards r_1..r_n of one pipeline, step count and reward:
@@ -51,7 +56,9 @@ class EvaluateArguments:
         noise_generator (`str`):
             The trained noise generator: the output folder of `trl-noise-ppo train`, or its Hub id.
         reward_funcs (`list[str]`):
-            Rewards to score the images with: built-in names or `module.function` paths.
+            Rewards to score the images with: built-in names or `module.function` paths. Usually the training reward.
+        judge_funcs (`list[str]` or `None`, *optional*, defaults to `None`):
+            Judges: rewards that played no part in training, scored and reported the same way, marked as judges.
         prompts (`list[str]` or `None`, *optional*, defaults to `None`):
             Prompts given on the command line, instead of `--dataset_name`.
         num_inference_steps (`list[int]`, *optional*, defaults to `[1, 2, 4]`):
@@ -79,6 +86,9 @@ class EvaluateArguments:
 
     noise_generator: str = field(metadata={"help": "Trained noise generator: the output folder of `train`, or a Hub id."})
     reward_funcs: list[str] = field(metadata={"help": "Rewards: built-in names or module.function paths."})
+    judge_funcs: list[str] | None = field(
+        default=None, metadata={"help": "Judges, independent of the training reward: built-in names or module.function paths."}
+    )
     prompts: list[str] | None = field(default=None, metadata={"help": "Prompts, instead of --dataset_name."})
     num_inference_steps: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "Step counts to compare at."})
     num_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt, pipeline and step count."})
@@ -120,6 +130,9 @@ def interval(values: list[float]) -> dict:
 
 def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: PromptArguments) -> dict:
     reward_funcs = resolve_reward_funcs(reward_funcs_from_names(args.reward_funcs))
+    judge_funcs = resolve_reward_funcs(reward_funcs_from_names(args.judge_funcs)) if args.judge_funcs else []
+    roles = ["reward"] * len(reward_funcs) + ["judge"] * len(judge_funcs)
+    reward_funcs = reward_funcs + judge_funcs
     check_reward_files(reward_funcs)
     prompts = load_prompts(args.prompts, prompt_args)
     if len(prompts) * args.num_images_per_prompt < 2:
@@ -164,6 +177,7 @@ def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: Promp
                 {
                     "num_inference_steps": steps,
                     "reward": get_callable_name(func),
+                    "role": roles[column],
                     "base": interval(base_values),
                     "tuned": interval(tuned_values),
                     "difference": interval([t - b for t, b in zip(tuned_values, base_values, strict=True)]),
@@ -196,12 +210,13 @@ def markdown_table(results: list[dict], num_prompts: int, num_images_per_prompt:
         "seeds for both pipelines; difference = tuned - base, paired by seed. grid.png: a base and a tuned row per step "
         "count, one column per prompt (its first seed).",
         "",
-        "| steps | reward | base | tuned | difference |",
+        "| steps | reward or judge | base | tuned | difference |",
         "|---|---|---|---|---|",
     ]
     for result in results:
+        name = result["reward"] + (" (judge)" if result["role"] == "judge" else "")
         lines.append(
-            f"| {result['num_inference_steps']} | {result['reward']} | {cell(result['base'])} | {cell(result['tuned'])} "
+            f"| {result['num_inference_steps']} | {name} | {cell(result['base'])} | {cell(result['tuned'])} "
             f"| {cell(result['difference'])} |"
         )
     return "\n".join(lines) + "\n"

@@ -17,13 +17,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .render import held_out_prompts, parse_caption, render_example, training_prompts
+from .judge import ShapesJudge
+from .render import balanced_prompts, held_out_prompts, parse_caption, render_example, training_prompts
 from .reward import REWARD_PATH, ShapesAlignmentReward, ShapesClassifier, alignment_rate
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 SHAPES_PIPELINE_PATH = str(Path(__file__).parent / "weights" / "pipeline")
+# The guidance scale at which the bundled model follows its training prompts best (judge-correct share), by steps,
+# as measured by `python -m trl_noise_ppo.shapes.evaluate_base` (docs/shapes_world.md); use it for a fair base.
+RECOMMENDED_GUIDANCE_SCALES = {1: 1.5, 2: 2.0, 4: 3.0, 8: 3.0, 16: 3.0}
 
 
 def load_shapes_pipeline(
@@ -39,11 +43,14 @@ def load_shapes_pipeline(
 
 
 __all__ = [
+    "RECOMMENDED_GUIDANCE_SCALES",
     "REWARD_PATH",
     "SHAPES_PIPELINE_PATH",
     "ShapesAlignmentReward",
     "ShapesClassifier",
+    "ShapesJudge",
     "alignment_rate",
+    "balanced_prompts",
     "held_out_prompts",
     "load_shapes_pipeline",
     "parse_caption",

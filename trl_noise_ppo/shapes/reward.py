@@ -16,17 +16,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .render import COLOUR_NAMES, IMAGE_SIZE, LAYOUTS, SHAPES, parse_caption
+from .render import COLOUR_NAMES, IMAGE_SIZE, LAYOUTS, MAX_OBJECTS, SHAPES, parse_caption
 
 
 REWARD_PATH = Path(__file__).parent / "weights" / "reward"
-# The classifier's heads: "a" is the single object, or the left / top one of two; "b" the right / bottom one.
+# The classifier's heads: the layout, the number of objects, and each object's colour and shape: "a" is the single
+# object, the first (left / top) of two or three, or the object a count repeats; "b" and "c" the next ones.
 HEAD_SIZES = {
     "layout": len(LAYOUTS),
-    "colour_a": len(COLOUR_NAMES),
-    "shape_a": len(SHAPES),
-    "colour_b": len(COLOUR_NAMES),
-    "shape_b": len(SHAPES),
+    "count": MAX_OBJECTS,
+    **{f"{attribute}_{slot}": len(values) for slot in "abc" for attribute, values in (("colour", COLOUR_NAMES), ("shape", SHAPES))},
 }
 
 
@@ -64,6 +63,7 @@ class ShapesClassifier(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.state_dict(), directory / "model.safetensors")
         config = {**self.config, "heads": HEAD_SIZES, "layouts": LAYOUTS, "colours": COLOUR_NAMES, "shapes": SHAPES}
+        config["max_objects"] = MAX_OBJECTS
         (directory / "config.json").write_text(json.dumps({**config, "metrics": metrics or {}}, indent=2) + "\n")
 
     @classmethod

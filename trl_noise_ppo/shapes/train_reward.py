@@ -24,7 +24,7 @@ class TrainRewardArguments:
     seed: int = 0
     num_images: int = field(default=40_000, metadata={"help": "Rendered training images."})
     num_test_images: int = field(default=4_000, metadata={"help": "Fresh rendered images (unseen seeds) for the test accuracy."})
-    steps: int = 1_500
+    steps: int = 3_000
     batch_size: int = 128
     learning_rate: float = 1e-3
     num_threads: int = 1
