@@ -5,16 +5,28 @@
    pipeline and score them. Bare cycles run interleaved with the trainer's (from a callback), so that load on the
    machine weighs on both alike.
 2. Inference: the time of a `NoisePPOPipeline` call divided by that of the bare pipeline's, same prompts and steps.
+3. A served reward: an `HTTPReward` whose server (on 127.0.0.1, in this process) takes a fixed time per image, set so
+   that scoring costs `scoring_share` (about half) of sampling. Generation cycles alternate between scoring each chunk
+   of `num_generations` images while the next samples (`score_while_sampling=True`) and scoring it before the next
+   (`False`); after each cycle the bare pipeline samples the same images in the same chunks, then the reward scores
+   them. Each path's cycle time is reported against sampling alone and against sampling plus scoring, as the median
+   over cycles of the ratio to the bare cycle that follows it, so that a machine whose load drifts weighs alike on
+   both sides of each ratio.
 
 The pipeline is a Stable Diffusion pipeline built locally with random weights, large enough that one call takes
 seconds on a CPU (sizes below); no download. Run from the repository root, on an otherwise idle machine:
 
-    python -m benchmarks.overhead            # prints both figures
+    python -m benchmarks.overhead                  # prints all three
+    python -m benchmarks.overhead --case served    # only the served reward
 """
 
+import json
+import os
 import statistics
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 from datasets import Dataset
@@ -23,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, TrainerCallback
 
 from tests.tiny_pipelines import _clip_tokenizer
 from trl_noise_ppo import NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer
+from trl_noise_ppo.rewards import HTTPReward
 from trl import TrlParser
 
 
@@ -36,6 +49,11 @@ class BenchmarkArguments:
     cycles: int = 4
     inference_repeats: int = 5
     threads: int = 2
+    case: str = field(default="all", metadata={"choices": ["all", "training", "served"]})
+    served_image_size: int = 32
+    served_prompts: int = 10
+    served_cycles: int = 6
+    scoring_share: float = 0.5
 
 
 def build_pipeline(image_size: int) -> StableDiffusionPipeline:
@@ -106,6 +124,13 @@ class InterleavedBareCycles(TrainerCallback):
 
 def main(args: BenchmarkArguments):
     torch.set_num_threads(args.threads)
+    if args.case in ("all", "training"):
+        training_and_inference(args)
+    if args.case in ("all", "served"):
+        served_reward(args)
+
+
+def training_and_inference(args: BenchmarkArguments):
     torch.manual_seed(0)
     pipe = build_pipeline(args.image_size)
     prompts = [f"prompt number {i}" for i in range(args.num_prompts)]
@@ -143,6 +168,119 @@ def main(args: BenchmarkArguments):
           f"(median of {args.inference_repeats}): overhead {100 * (tuned_call / bare_call - 1):+.2f}%")
     generator = trainer.model
     print(f"noise generator: {generator.num_parameters() / 1e6:.2f}M parameters for noise {generator.config.noise_shape}")
+
+
+class FixedTimeRewardServer:
+    """A reward server on 127.0.0.1 that answers after `seconds_per_image` per image, as a reward model served on
+    another GPU would. One request at a time, bodies of at most 64 MB, and it stops with the benchmark. The reward is
+    the length of each image's PNG, which costs nothing to compute."""
+
+    def __init__(self, seconds_per_image: float):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                if not 0 < length <= 64 * 2**20:
+                    self.send_error(413)
+                    return
+                images = json.loads(self.rfile.read(length))["images"]
+                time.sleep(seconds_per_image * len(images))
+                body = json.dumps({"rewards": [len(image) / 1000 for image in images]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.http_server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http_server.server_address[1]}/score"
+
+    def __enter__(self):
+        threading.Thread(target=self.http_server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.http_server.shutdown()
+        self.http_server.server_close()
+
+
+class AlternatingPathsAndBareCycles(TrainerCallback):
+    """Switches `score_while_sampling` from one generation cycle to the next (overlapped first), and after each cycle
+    samples the same images with the bare pipeline, in the same chunks, then scores them with the same reward."""
+
+    def __init__(self, pipe, prompts, reward, args: BenchmarkArguments):
+        self.pipe, self.prompts, self.reward, self.args = pipe, prompts, reward, args
+        self.cycles = []  # (overlapped, cycle seconds, bare sampling seconds, bare scoring seconds)
+        self._cycle_start = self._overlapped = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step % self.args.num_iterations == 0:
+            self._overlapped = args.score_while_sampling = (state.global_step // self.args.num_iterations) % 2 == 0
+            self._cycle_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.args.num_iterations != 0:
+            return
+        cycle = time.perf_counter() - self._cycle_start
+        start = time.perf_counter()
+        chunks = [self.pipe([prompt], num_images_per_prompt=self.args.num_generations, output_type="pt",
+                            num_inference_steps=self.args.num_inference_steps).images for prompt in self.prompts]
+        sampling = time.perf_counter() - start
+        start = time.perf_counter()
+        for prompt, images in zip(self.prompts, chunks, strict=True):
+            self.reward(images=images, prompts=[prompt] * len(images))
+        self.cycles.append((self._overlapped, cycle, sampling, time.perf_counter() - start))
+
+
+def served_reward(args: BenchmarkArguments):
+    torch.manual_seed(0)
+    pipe = build_pipeline(args.served_image_size)
+    prompts = [f"prompt number {i}" for i in range(args.served_prompts)]
+    call = dict(num_images_per_prompt=args.num_generations, num_inference_steps=args.num_inference_steps, output_type="pt")
+    chunk_times = []
+    for _ in range(4):  # the first warms up
+        start = time.perf_counter()
+        pipe(prompts[:1], **call)
+        chunk_times.append(time.perf_counter() - start)
+    seconds_per_image = args.scoring_share * statistics.median(chunk_times[1:]) / args.num_generations
+    images_per_cycle = args.served_prompts * args.num_generations
+    print(f"served reward: {args.served_image_size} px, {images_per_cycle} images per cycle in chunks of "
+          f"{args.num_generations}; the server takes {1000 * seconds_per_image:.1f} ms per image "
+          f"({args.scoring_share} x the sampling time measured before the run); load average {os.getloadavg()[0]:.1f}")
+
+    config = NoisePPOConfig(
+        output_dir="/tmp/noise-ppo-overhead", num_inference_steps=args.num_inference_steps,
+        num_generations=args.num_generations, per_device_train_batch_size=images_per_cycle,
+        sample_batch_size=args.num_generations, num_iterations=args.num_iterations,
+        max_steps=args.num_iterations * (2 * args.served_cycles + 2),
+        save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=args.num_iterations,
+    )
+    with FixedTimeRewardServer(seconds_per_image) as server:
+        reward = HTTPReward(server.url, name="served", batch_size=args.num_generations, timeout=60, retries=0)
+        paths = AlternatingPathsAndBareCycles(pipe, prompts, reward, args)
+        trainer = NoisePPOTrainer(pipe, reward, args=config, train_dataset=Dataset.from_dict({"prompt": prompts}),
+                                  callbacks=[paths])
+        trainer.train()
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 minute), {os.getloadavg()[1]:.1f} (5 minutes)")
+    cycles = paths.cycles[2:]  # the first cycle of each path warms it up
+    sampling = statistics.median(sample for _, _, sample, _ in cycles)
+    scoring = statistics.median(score for _, _, _, score in cycles)
+    print(f"bare: sampling {sampling:.3f} s, then scoring {scoring:.3f} s (scoring / sampling {scoring / sampling:.2f}); "
+          f"medians of {len(cycles)} cycles")
+    for overlapped in (True, False):
+        runs = [(cycle, sample, score) for path, cycle, sample, score in cycles if path == overlapped]
+        alone = statistics.median(cycle / sample for cycle, sample, _ in runs)
+        then_scoring = statistics.median(cycle / (sample + score) for cycle, sample, score in runs)
+        print(f"score_while_sampling={overlapped!s:5}: {statistics.median(cycle for cycle, _, _ in runs):.3f} s per "
+              f"generation cycle (1 sampling + {args.num_iterations} PPO updates): {alone:.3f} x sampling alone, "
+              f"{then_scoring:.3f} x sampling then scoring (medians of {len(runs)} paired ratios)")
+    logged = [entry for entry in trainer.state.log_history if "timing/wait" in entry]
+    for name, entries in (("True ", logged[2::2]), ("False", logged[3::2])):
+        print(f"logged with score_while_sampling={name}: " + ", ".join(
+            f"{key} {statistics.median(entry[key] for entry in entries):.3f} s"
+            for key in ("timing/sample", "timing/score", "timing/wait")))
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import asyncio
 import functools
 import math
 import os
@@ -10,15 +11,17 @@ import huggingface_hub.constants
 import pytest
 import torch
 from datasets import Dataset
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, StableDiffusionPipeline, UNet2DModel
 
 from tests.tiny_pipelines import build_pipeline
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer
 from transformers import TrainerCallback
 
+from trl_noise_ppo import noise_ppo_trainer as trainer_module
 from trl_noise_ppo.noise_injection import generator_inputs
 from trl_noise_ppo.noise_ppo_trainer import gaussian_log_density, group_advantages, kl_to_standard_normal
-from trl_noise_ppo.rewards import MissingWeightsError
+from trl_noise_ppo.rewards import HTTPReward, MissingWeightsError
+from trl_noise_ppo.shapes import ShapesAlignmentReward, load_shapes_pipeline, training_prompts
 
 
 PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square", "a green triangle", "a yellow star"]})
@@ -269,6 +272,106 @@ def test_dataset_columns_reach_the_reward(tmp_path):
     assert len(seen["prompts"]) == 8 and len(seen["category"]) == 8
     assert {(p.split()[-1], c) for p, c in zip(seen["prompts"], seen["category"])} <= {
         ("circle", "circle"), ("square", "square"), ("triangle", "triangle"), ("star", "star")}
+
+
+# ---- scoring while sampling ----
+
+
+@pytest.mark.parametrize("score_while_sampling", [True, False])
+def test_concurrent_rewards_score_each_chunk_while_the_next_samples(tmp_path, monkeypatch, score_while_sampling):
+    """Events are logged as they happen: the served (async) reward's first chunk must see the second chunk's
+    sampling begin before it answers; with the switch off, every reward scores after all sampling, as before."""
+    events = []
+    sample = StableDiffusionPipeline.__call__
+
+    @functools.wraps(sample)
+    def logged_sample(self, *args, **kwargs):
+        events.append("sample")
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", logged_sample)
+
+    async def served(images, prompts, **kwargs):
+        events.append("served")
+        chunk = events.count("served")
+        # waits, up to 10 s, for the next chunk to start sampling: it does at once when scoring overlaps sampling
+        for _ in range(1000 if score_while_sampling and chunk < 3 else 0):
+            if events.count("sample") > chunk:
+                break
+            await asyncio.sleep(0.01)
+        events.append(f"served done, {events.count('sample')} sampling")
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    def zero(images, **kwargs):
+        events.append("plain")
+        return [0.0] * len(images)
+
+    recorded = {}
+    monkeypatch.setattr(trainer_module, "log_images", lambda trainer, images, prompts, rewards: recorded.update(images=images, rewards=rewards))
+    args = make_config(tmp_path, per_device_train_batch_size=12, num_generations=4, sample_batch_size=4,
+                       reward_weights=[2.0, 1.0], score_while_sampling=score_while_sampling)
+    trainer = NoisePPOTrainer(build_pipeline("sd"), [zero, served], args=args, train_dataset=PROMPTS)
+    assert trainer.concurrent_rewards == [False, True]
+    events.clear()  # of the trainer's one-off call that finds the noise's shape
+    trainer._sample_and_score([{"prompt": p} for p in ["a red circle"] * 4 + ["a blue square"] * 8])
+
+    if score_while_sampling:
+        served_done = [event for event in events if event.startswith("served done")]
+        assert served_done == ["served done, 2 sampling", "served done, 3 sampling", "served done, 3 sampling"]
+        assert events.count("plain") == 1 and events.index("plain") > len(events) - 1 - events[::-1].index("sample")
+    else:
+        assert events == ["sample"] * 3 + ["plain"] + ["served", "served done, 3 sampling"] * 3
+    # each row's reward is its own image's, in the served reward's column
+    torch.testing.assert_close(recorded["rewards"], recorded["images"].mean(dim=(1, 2, 3)), rtol=0, atol=1e-6)
+    assert trainer._metrics["rewards/zero/mean"] == [0.0]
+    for name in ("timing/sample", "timing/score", "timing/wait"):
+        assert len(trainer._metrics[name]) == 1 and trainer._metrics[name][0] > 0, name
+
+
+def test_a_concurrent_reward_error_reaches_the_training_loop(tmp_path):
+    async def short(images, **kwargs):
+        return [0.0]
+
+    args = make_config(tmp_path, max_steps=1, sample_batch_size=4)
+    trainer = NoisePPOTrainer(build_pipeline("sd"), short, args=args, train_dataset=PROMPTS)
+    with pytest.raises(ValueError, match="'short' returned 1 rewards for 4 images"):
+        trainer.train()
+
+
+def test_scoring_while_sampling_changes_nothing_but_time(tmp_path, monkeypatch):
+    """On the shapes pipeline, with a plain reward and a served one: rewards, advantages and trained weights are bit
+    for bit those of scoring the chunks after sampling, and of scoring the whole batch in one call after sampling (the
+    served reward scores each image on its own, so its batch does not matter)."""
+    from tests.test_rewards import ScriptedRewardServer
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    prompts = Dataset.from_dict({"prompt": training_prompts()[:6]})
+
+    def train(score_while_sampling, served_concurrently, url):
+        rollouts = []
+        served = HTTPReward(url, name="served", batch_size=3)
+        served.concurrent = served_concurrently
+        args = make_config(tmp_path, num_inference_steps=1, per_device_train_batch_size=12, num_generations=4,
+                           sample_batch_size=4, score_while_sampling=score_while_sampling, max_steps=4)
+        trainer = NoisePPOTrainer(load_shapes_pipeline(), [ShapesAlignmentReward(), served], args=args, train_dataset=prompts)
+        assert trainer.concurrent_rewards == [False, served_concurrently]
+        sample_and_score = trainer._sample_and_score
+        trainer._sample_and_score = lambda batch: rollouts.append(sample_and_score(batch)) or rollouts[-1]
+        trainer.train()
+        rewards = [{k: v for k, v in logged.items() if k.startswith("reward")} for logged in trainer.state.log_history[:-1]]
+        return rollouts, rewards, trainer.model.state_dict()
+
+    with ScriptedRewardServer([]) as server:
+        overlapped = train(True, True, server.url)
+        runs = {"sequential": train(False, True, server.url), "whole batch": train(True, False, server.url)}
+    rollouts, rewards, weights = overlapped
+    assert len(rollouts) == 2 and all(rollout["advantages"].abs().sum() > 0 for rollout in rollouts)
+    for name, (other_rollouts, other_rewards, other_weights) in runs.items():
+        assert other_rewards == rewards, name
+        for rollout, other in zip(rollouts, other_rollouts, strict=True):
+            assert all(torch.equal(value, other[key]) for key, value in rollout.items()), name
+        assert all(torch.equal(value, other_weights[key]) for key, value in weights.items()), name
 
 
 # ---- several processes ----

@@ -39,6 +39,7 @@ from trl_noise_ppo.rewards import (
     call_reward_funcs,
     check_reward_files,
     resolve_reward_funcs,
+    runs_concurrently,
 )
 from trl_noise_ppo.rewards.preprocessing import normalize, resize_longest_side_and_pad
 from trl_noise_ppo.rewards.preprocessing import resize_shortest_side_and_center_crop
@@ -877,6 +878,34 @@ def test_async_reward_outputs_are_validated_too():
 
     with pytest.raises(ValueError, match="'faulty_async' returned 1 rewards for 2 images"):
         call_reward_funcs([faulty_async], torch.zeros(2, 3, 8, 8), ["a", "b"])
+
+
+def test_which_rewards_run_concurrently_with_sampling():
+    def plain(images, **kwargs):
+        return [0.0] * len(images)
+
+    async def served(images, **kwargs):
+        return [0.0] * len(images)
+
+    class OnDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __call__(self, images, **kwargs):
+            return [0.0] * len(images)
+
+    assert not runs_concurrently(plain, "cpu")
+    assert runs_concurrently(served, "cpu") and runs_concurrently(SlowAsyncReward(), "cpu")
+    assert runs_concurrently(HTTPReward("http://127.0.0.1:1/score"), "cpu")
+    assert not runs_concurrently(OnDevice("cpu"), torch.device("cpu"))
+    assert runs_concurrently(OnDevice("cuda:1"), "cuda:0") and runs_concurrently(OnDevice("cuda:0"), "cpu")
+    assert not runs_concurrently(OnDevice("cuda:1"), torch.device("cuda", 1))
+    # a declared `concurrent` wins over what the function looks like
+    served.concurrent = False
+    assert not runs_concurrently(served, "cpu")
+    served_elsewhere = OnDevice("cpu")
+    served_elsewhere.concurrent = True
+    assert runs_concurrently(served_elsewhere, "cpu")
 
 
 # ---------------------------------------------------------------- names and import

@@ -51,6 +51,12 @@ class NoisePPOConfig(_BaseConfig):
         sample_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Most images passed to the pipeline in one call while sampling; a multiple of `num_generations`. `None`
             samples the whole generation batch in one call. Lower it if sampling runs out of memory.
+        score_while_sampling (`bool`, *optional*, defaults to `True`):
+            Whether the rewards that can run concurrently (`async def` functions, `HTTPReward`, rewards on another
+            device; see `trl_noise_ppo.rewards.runs_concurrently`) score each chunk of `sample_batch_size` images
+            while the pipeline samples the next. Rewards, advantages and weights are the same either way; `False`
+            scores the chunks after the whole batch is sampled, in the training thread. Other rewards always score the
+            whole batch after sampling.
 
         > Parameters that control the PPO update
 
@@ -124,6 +130,13 @@ class NoisePPOConfig(_BaseConfig):
     sample_batch_size: int | None = field(
         default=None,
         metadata={"help": "Most images per pipeline call while sampling (a multiple of num_generations); None: all."},
+    )
+    score_while_sampling: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether rewards that can run concurrently (async, HTTPReward, on another device) score each chunk "
+            "of sample_batch_size images while the next is sampled. Same results either way."
+        },
     )
 
     # Parameters that control the PPO update

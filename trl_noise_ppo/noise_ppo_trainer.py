@@ -3,9 +3,11 @@ import math
 import os
 import shutil
 import textwrap
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from .noise_injection import (
     without_encoded_prompts,
 )
 from .noise_ppo_config import NoisePPOConfig
-from .rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
+from .rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs, runs_concurrently
 
 
 ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
@@ -127,7 +129,8 @@ class NoisePPOTrainer(_BaseTrainer):
             Reward functions, called as `func(images=..., prompts=..., trainer_state=..., **columns)` with `images` a
             float tensor `(N, 3, H, W)` in `[0, 1]`, `prompts` a list of `N` strings and every other dataset column as
             a list. Each returns `N` floats, or `None` for a sample it does not score. Strings name built-in rewards
-            (see `trl_noise_ppo.rewards`). `async def` functions run concurrently.
+            (see `trl_noise_ppo.rewards`). `async def` functions run concurrently; those, `HTTPReward` and rewards on
+            another device score each chunk of images while the next is sampled (`args.score_while_sampling`).
         args ([`NoisePPOConfig`], *optional*):
             Configuration. Defaults to `NoisePPOConfig("<pipeline class>-NoisePPO")`.
         train_dataset ([`~datasets.Dataset`]):
@@ -274,6 +277,7 @@ class NoisePPOTrainer(_BaseTrainer):
         for reward_func in self.reward_funcs:
             if getattr(reward_func, "device", False) is None:
                 reward_func.device = self.accelerator.device
+        self.concurrent_rewards = [runs_concurrently(func, self.accelerator.device) for func in self.reward_funcs]
         self._metrics = defaultdict(list)
         self._buffered_inputs = None
         self._staging_dir = None  # while a checkpoint is being written: the folder it goes to first
@@ -360,24 +364,51 @@ class NoisePPOTrainer(_BaseTrainer):
         noise = mu + torch.exp(log_sigma) * eps
         old_log_density = gaussian_log_density(noise, mu, log_sigma)
 
-        # The frozen pipeline turns each noise into an image; stochastic schedulers draw from a seeded generator
-        images = []
+        # The frozen pipeline turns each noise into an image, sample_batch_size at a time; stochastic schedulers draw from
+        # a seeded generator. Rewards that can run concurrently (async, served, on another device) score each chunk
+        # while the next one samples (unless score_while_sampling is off); the others would compete with sampling, and
+        # score the whole batch after it.
+        columns = {name: [example[name] for example in batch] for name in batch[0] if name != "prompt"}
+        concurrent = [i for i, is_concurrent in enumerate(self.concurrent_rewards) if is_concurrent]
+        after_sampling = [i for i, is_concurrent in enumerate(self.concurrent_rewards) if not is_concurrent]
+        score_seconds = []
+
+        def score(func_indices: list[int], images: torch.Tensor, rows: slice) -> torch.Tensor:
+            score_start = time.perf_counter()
+            with torch.no_grad():  # grad mode is per thread
+                funcs = [self.reward_funcs[i] for i in func_indices]
+                rewards = call_reward_funcs(funcs, images=images, prompts=prompts[rows],
+                                            trainer_state=self.state, **{name: values[rows] for name, values in columns.items()})
+            score_seconds.append(time.perf_counter() - score_start)
+            return rewards
+
+        images, chunk_rewards, sample_seconds = [], [], 0.0
         images_per_call = self.args.sample_batch_size or len(prompts)
-        for start in range(0, len(prompts), images_per_call):
-            call = slice(start, start + images_per_call)
-            output = self.pipeline(
-                **self._pipeline_kwargs(self.args, self.pipeline, take_rows(sample_embeds, call)),
-                latents=noise[call].to(self.noise_dtype),
-                generator=self._rollout_generator(salt=2 + start),
-            )
-            images.append(images_in_unit_range(self.pipeline, output.images.float()))
-        images = torch.cat(images)
+        rollout_start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1) if self.args.score_while_sampling else _ScoreAfterSampling() as scorer:
+            for start in range(0, len(prompts), images_per_call):
+                call = slice(start, start + images_per_call)
+                sample_start = time.perf_counter()
+                output = self.pipeline(
+                    **self._pipeline_kwargs(self.args, self.pipeline, take_rows(sample_embeds, call)),
+                    latents=noise[call].to(self.noise_dtype),
+                    generator=self._rollout_generator(salt=2 + start),
+                )
+                images.append(images_in_unit_range(self.pipeline, output.images.float()))
+                sample_seconds += time.perf_counter() - sample_start
+                chunk_rewards.append(scorer.submit(score, concurrent, images[-1], call))
+            images = torch.cat(images)
+            rewards_after_sampling = score(after_sampling, images, slice(None))
+        rewards_per_func = torch.empty(len(prompts), len(self.reward_funcs), device=images.device)
+        rewards_per_func[:, after_sampling] = rewards_after_sampling
+        rewards_per_func[:, concurrent] = torch.cat([chunk.result() for chunk in chunk_rewards])
+        # where the time went: wait is the part of scoring that sampling did not hide
+        self._metrics["timing/sample"].append(sample_seconds)
+        self._metrics["timing/score"].append(sum(score_seconds))
+        self._metrics["timing/wait"].append(time.perf_counter() - rollout_start - sample_seconds)
 
         # r = sum_i w_i r_i(image, prompt); a sample no function scored gets NaN and no advantage
-        columns = {name: [example[name] for example in batch] for name in batch[0] if name != "prompt"}
-        rewards_per_func = call_reward_funcs(
-            self.reward_funcs, images=images, prompts=prompts, trainer_state=self.state, **columns
-        ).to(device)
+        rewards_per_func = rewards_per_func.to(device)
         weights = self.reward_weights.to(device)
         rewards = (rewards_per_func * weights).nansum(dim=1)
         if not rewards.isfinite().all():  # each reward fits float32; weighted and summed they may not
@@ -580,6 +611,24 @@ class _FiniteGeneratorGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         _raise_if_not_finite(model, "weights", state.global_step)
+
+
+class _ScoreAfterSampling(Executor):
+    """Keeps the scoring tasks submitted to it, and runs them in order, in the calling thread, when the `with` block
+    that sampled ends without error: scoring after sampling, as without overlap."""
+
+    def __init__(self):
+        self._tasks = []
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        self._tasks.append((Future(), fn, args, kwargs))
+        return self._tasks[-1][0]
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is None:  # a failed sampling is not scored
+            for future, fn, args, kwargs in self._tasks:
+                future.set_result(fn(*args, **kwargs))
+        return False
 
 
 def _nanstd(values: torch.Tensor) -> float:

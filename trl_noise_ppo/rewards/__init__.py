@@ -6,7 +6,7 @@ See docs/rewards.md for each reward's scale, weights and licence.
 """
 
 from .base import ModelReward
-from .calling import call_reward_funcs
+from .calling import call_reward_funcs, runs_concurrently
 from .clip import AestheticReward, CLIPReward, CLIPScoreReward, PickScoreReward
 from .hps import HPSv2Reward
 from .imagereward import ImageReward
@@ -33,4 +33,5 @@ __all__ = [
     "check_reward_files",
     "create_reward",
     "resolve_reward_funcs",
+    "runs_concurrently",
 ]

@@ -119,3 +119,36 @@ def call_reward_funcs(
         for (index, func), output in zip(async_funcs, outputs, strict=True):
             rewards[:, index] = torch.tensor(_checked_rewards(output, func, prompts))
     return rewards.to(images.device)
+
+
+def runs_concurrently(func: Callable, device: str | torch.device) -> bool:
+    """Whether `func` may score images while the pipeline samples more of them on `device`.
+
+    A `concurrent` attribute decides when the function has one: `HTTPReward` sets it to True, and setting it to False
+    keeps any reward out of sampling's way. Without one, `async def` functions (or objects whose `__call__` is `async
+    def`) run concurrently, and so do rewards whose `device` attribute names another device than `device`. The rest
+    would compete with sampling for the same device, and score after it.
+
+    Example:
+        >>> def brightness(images, **kwargs):
+        ...     return images.mean(dim=(1, 2, 3)).tolist()
+        >>> async def served(images, **kwargs):
+        ...     return [0.0] * len(images)
+        >>> runs_concurrently(brightness, "cpu"), runs_concurrently(served, "cpu")
+        (False, True)
+    """
+    declared = getattr(func, "concurrent", None)
+    if declared is not None:
+        return bool(declared)
+    if is_async_callable(func):
+        return True
+    reward_device = getattr(func, "device", None)
+    if reward_device is None:
+        return False
+    reward_device, device = torch.device(reward_device), torch.device(device)
+    return reward_device.type != device.type or _device_index(reward_device) != _device_index(device)
+
+
+def _device_index(device: torch.device) -> int | None:
+    # "cuda" without an index means the current device, which an empty tensor names
+    return device.index if device.index is not None else torch.empty(0, device=device).device.index

@@ -33,6 +33,9 @@ class HTTPReward:
     `backoff * 2**attempt` seconds before each retry; an HTTP 4xx, a malformed response or the last failure
     raises a `RuntimeError` that names the URL and the cause.
 
+    The server does the work, so the trainer scores each chunk of images while the pipeline samples the next
+    (`concurrent = True`; see `NoisePPOConfig.score_while_sampling`).
+
     Args:
         url: the server's scoring endpoint, e.g. "http://127.0.0.1:8000/score".
         name: the logging name, `rewards/<name>/mean`.
@@ -41,6 +44,8 @@ class HTTPReward:
         retries: retries of a failed request.
         backoff: seconds before the first retry; doubled for each further retry.
     """
+
+    concurrent = True
 
     def __init__(
         self,
