@@ -10,6 +10,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+import transformers.modeling_utils
 from datasets import Dataset
 from diffusers import DDIMPipeline, DDIMScheduler, StableDiffusionPipeline, UNet2DModel
 
@@ -607,7 +608,28 @@ def test_a_save_killed_midway_leaves_no_checkpoint_and_resume_true_takes_the_las
     resumed.train(resume_from_checkpoint=True)
     for name, value in uninterrupted.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
-    assert not (out / "tmp-checkpoint").exists()
+    assert not (out / "tmp-save").exists()
+
+
+def test_a_save_model_killed_while_writing_the_weights_leaves_no_temporary_file_in_the_output_folder(tmp_path, monkeypatch):
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, max_steps=1), train_dataset=PROMPTS)
+    trainer.train()
+    out = Path(trainer.args.output_dir)
+
+    def killed_while_writing(tensors, filename, metadata=None):
+        # what safetensors leaves when killed here: the weights so far, in a hidden temporary file beside `filename`
+        Path(filename).with_name(".tmpkX7gmR").write_bytes(b"\0" * 4096)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model()
+    assert not list(out.glob(".tmp*")) and not (out / "model.safetensors").exists()
+
+    monkeypatch.undo()
+    trainer.save_model()  # the next save clears what the killed one left
+    assert sorted(path.name for path in out.rglob("*")) == ["README.md", "config.json", "model.safetensors", "training_args.bin"]
+    assert NoiseGenerator.from_pretrained(out).config.base_pipeline == trainer.model.config.base_pipeline
 
 
 def test_a_checkpoint_without_its_rollout_does_not_resume(tmp_path):

@@ -43,8 +43,9 @@ from .rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 
 
 ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
-# A checkpoint is written here, then renamed to checkpoint-N when complete
-STAGING_DIR = "tmp-checkpoint"
+# A checkpoint, or the saved model, is written into this folder of the output folder, then moved into place when
+# complete; a save killed midway leaves only this folder, which the next save removes
+STAGING_DIR = "tmp-save"
 
 
 def gaussian_log_density(x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -531,9 +532,23 @@ class NoisePPOTrainer(_BaseTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         _raise_if_not_finite(self.model, "weights", self.state.global_step)
-        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self._staging_dir is not None:  # a checkpoint, which `_save_checkpoint` writes into the staging folder
+            super()._save(output_dir, state_dict)
+            if self.args.should_save:
+                self.create_model_card(output_dir=output_dir)
+            return
+        # safetensors writes model.safetensors as a hidden `.tmpXXXXXX` file beside it and renames it once complete,
+        # so a save killed midway would leave that file, as large as the model, in the user's folder
+        staging_dir = os.path.join(output_dir, STAGING_DIR)
         if self.args.should_save:
-            self.create_model_card(output_dir=output_dir)
+            shutil.rmtree(staging_dir, ignore_errors=True)  # what a killed save left
+        super()._save(staging_dir, state_dict)
+        if self.args.should_save:
+            for name in os.listdir(staging_dir):
+                os.replace(os.path.join(staging_dir, name), os.path.join(output_dir, name))
+            os.rmdir(staging_dir)
+            self.create_model_card(output_dir=output_dir)  # text written in place: no temporary file
 
     def create_model_card(
         self,
