@@ -43,6 +43,7 @@ chroma          ChromaPipeline                  (1, 256, 16)         T5, FLOAT m
 hunyuandit      HunyuanDiTPipeline              (1, 4, 8, 8)         BERT + T5; binning off
 hidream         HiDreamImagePipeline            (1, 4, 8, 8)         CLIP x2 + T5 + Llama
 zimage          ZImagePipeline                  (1, 16, 32, 32)      Qwen-3; LIST of embeddings
+kolors          KolorsPipeline                  (1, 4, 32, 32)       ChatGLM-3 (sentencepiece)
 ==============  ==============================  ===================  ============================
 
 Tables for tests:
@@ -86,6 +87,8 @@ Every other family takes text prompts through an offline tokenizer:
   truncates at 256 tokens, so prompts beyond ~90 bytes are cut there (pass a larger
   ``max_sequence_length``, at most 512); Sana prepends its "complex human instruction" (1,058
   tokens here; still fast).
+- ChatGLM-3 (kolors): diffusers' own sentencepiece ``ChatGLMTokenizer`` on a character model with
+  byte fallback, trained offline once per process (needs ``sentencepiece``, in the ``test`` extra).
 
 Quirks met (all checked by tests/test_tiny_pipelines.py):
 
@@ -1637,6 +1640,105 @@ def build_lumina() -> DiffusionPipeline:
     return _finish(pipe)
 
 
+_CHATGLM_DIR: str | None = None
+
+
+def _chatglm_tokenizer():
+    """ChatGLM's tokenizer (Kolors) on a sentencepiece model trained offline once per process (again if removed):
+    a character model with byte fallback (any text encodes), 276 pieces + ChatGLM's 9 specials; the directory is
+    deleted at exit. Needs ``sentencepiece`` (the ``test`` extra)."""
+    import sentencepiece
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    global _CHATGLM_DIR
+    if _CHATGLM_DIR is None or not os.path.isfile(os.path.join(_CHATGLM_DIR, "tokenizer.model")):
+        d = tempfile.mkdtemp(prefix="tiny_chatglm_tok_")
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+        corpus = os.path.join(d, "corpus.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            f.write("a red circle\na blue square on the left\na cat\n")
+        sentencepiece.SentencePieceTrainer.train(
+            input=corpus, model_prefix=os.path.join(d, "tokenizer"), model_type="char", vocab_size=300,
+            hard_vocab_limit=False, byte_fallback=True, num_threads=1, minloglevel=2,
+        )
+        _CHATGLM_DIR = d
+    return ChatGLMTokenizer(vocab_file=os.path.join(_CHATGLM_DIR, "tokenizer.model"))
+
+
+def build_kolors() -> DiffusionPipeline:
+    """Kolors: SDXL's tiny UNet and VAE (diffusers' test) with a ChatGLM-3 text encoder (2 layers, hidden size 8) built
+    from its config; its prompt embeddings are the penultimate hidden states (256 tokens), its pooled embedding the
+    last token's final state."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
+    from diffusers.pipelines.kolors import ChatGLMModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, RMSNorm
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(2, 4),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=56,  # 6 * 8 + 8
+        cross_attention_dim=8,
+        norm_num_groups=1,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    tokenizer = _chatglm_tokenizer()
+    torch.manual_seed(0)
+    config = ChatGLMConfig(
+        num_layers=2,
+        padded_vocab_size=tokenizer.vocab_size,
+        hidden_size=8,
+        ffn_hidden_size=16,
+        kv_channels=4,
+        num_attention_heads=2,
+        seq_length=256,
+        multi_query_attention=True,
+        multi_query_group_num=1,
+        original_rope=True,
+    )
+    text_encoder = ChatGLMModel(config, empty_init=False)  # the default skips initialisation
+    with torch.no_grad():  # RMSNorm weights are created with torch.empty: fixed so that builds are identical
+        for module in text_encoder.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+    pipe = KolorsPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _finish(pipe)
+
+
 def _control_image(size: int = 64):
     from PIL import Image
 
@@ -1679,6 +1781,7 @@ FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
     "sana_sprint": build_sana_sprint,
     "cogview3plus": build_cogview3plus,
     "lumina": build_lumina,
+    "kolors": build_kolors,
 }
 
 DEFAULT_SIZE: dict[str, tuple[int, int]] = {name: (64, 64) for name in FAMILIES}
@@ -1713,6 +1816,7 @@ EXPECTED_LATENT_SHAPE: dict[str, tuple[int, ...]] = {
     "sana_sprint": (1, 4, 2, 2),  # binning off, DC-AE scale factor 32
     "cogview3plus": (1, 4, 8, 8),  # VAE scale factor 8
     "lumina": (1, 4, 8, 8),  # VAE scale factor 8
+    "kolors": (1, 4, 32, 32),  # SDXL's VAE (scale factor 2)
 }
 
 PROMPT_CALL_KWARGS: dict[str, dict] = {
@@ -1743,7 +1847,7 @@ STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm", "hunyuandit", "s
 # never pre-scale). 1.0 for DDIM/DPM/LCM; for SDXL's Euler it is set by ``set_timesteps``
 # (about 1.91 for 2 "leading" steps). Flow-matching schedulers have no such attribute.
 INIT_NOISE_SIGMA_FAMILIES: frozenset[str] = frozenset(
-    {"sd", "sd_vpred", "sdxl", "lcm", "pixart_sigma", "kandinsky22"}
+    {"sd", "sd_vpred", "sdxl", "lcm", "pixart_sigma", "kandinsky22", "kolors"}
 )
 
 # Families whose ``latents=`` is PACKED: the pipeline's default draws ``randn`` of this unpacked
