@@ -50,9 +50,9 @@ class BenchmarkArguments:
     inference_repeats: int = 5
     threads: int = 2
     case: str = field(default="all", metadata={"choices": ["all", "training", "served"]})
-    served_image_size: int = 32
-    served_prompts: int = 10
-    served_cycles: int = 6
+    served_image_size: int = 64
+    served_prompts: int = 16
+    served_cycles: int = 5
     scoring_share: float = 0.5
 
 
@@ -265,6 +265,9 @@ def served_reward(args: BenchmarkArguments):
         trainer.train()
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 minute), {os.getloadavg()[1]:.1f} (5 minutes)")
     cycles = paths.cycles[2:]  # the first cycle of each path warms it up
+    for overlapped, cycle, sample, score in cycles:
+        print(f"  cycle score_while_sampling={overlapped!s:5}: {cycle:.3f} s; bare after it: sampling {sample:.3f} s, "
+              f"scoring {score:.3f} s")
     sampling = statistics.median(sample for _, _, sample, _ in cycles)
     scoring = statistics.median(score for _, _, _, score in cycles)
     print(f"bare: sampling {sampling:.3f} s, then scoring {scoring:.3f} s (scoring / sampling {scoring / sampling:.2f}); "
@@ -281,6 +284,15 @@ def served_reward(args: BenchmarkArguments):
         print(f"logged with score_while_sampling={name}: " + ", ".join(
             f"{key} {statistics.median(entry[key] for entry in entries):.3f} s"
             for key in ("timing/sample", "timing/score", "timing/wait")))
+    # The same ratios against the trainer's own sampling (and scoring) of the same cycle, the same pipeline calls as
+    # the bare cycle's: two samplings of the same images vary by several percent even on an idle machine.
+    own = [(path, cycle, entry["timing/sample"], entry["timing/score"]) for (path, cycle, _, _), entry in zip(cycles, logged[2:])]
+    for overlapped in (True, False):
+        runs = [(cycle, sample, score) for path, cycle, sample, score in own if path == overlapped]
+        print(f"score_while_sampling={overlapped!s:5}, against its own cycle's timing/sample: "
+              f"{statistics.median(cycle / sample for cycle, sample, _ in runs):.3f} x sampling alone, "
+              f"{statistics.median(cycle / (sample + score) for cycle, sample, score in runs):.3f} x sampling then scoring "
+              f"(medians of {len(runs)})")
 
 
 if __name__ == "__main__":
