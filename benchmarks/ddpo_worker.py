@@ -16,7 +16,6 @@ The spec (written by peers.py) says what to do:
 import json
 import os
 import random
-import resource
 import sys
 import time
 import types
@@ -28,6 +27,8 @@ from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+from benchmarks.process_memory import peak_memory_mb  # noqa: E402
 
 
 def shapes_reward():
@@ -38,15 +39,6 @@ def shapes_reward():
     from trl_noise_ppo.shapes import ShapesAlignmentReward
 
     return ShapesAlignmentReward()
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory. Not getrusage's ru_maxrss, which a process started by fork and exec
-    inherits from its parent's size at the fork; the kernel's high-water mark starts again at exec."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        return int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def ddpo_config(spec: dict, epochs: int, samples_per_epoch: int, train_batch_size: int) -> DDPOConfig:

@@ -30,7 +30,6 @@ and `peers.png` to `--output_dir`; one command regenerates them all:
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from trl import TrlParser  # noqa: E402
+
+from benchmarks.process_memory import peak_memory_mb  # noqa: E402
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -83,15 +84,6 @@ class PeersArguments:
     threads: int = 2
     seed: int = 0
     report_only: bool = field(default=False, metadata={"help": "Only rewrite peers.md and peers.png from peers.json."})
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory. Not getrusage's ru_maxrss, which a process started by fork and exec
-    inherits from its parent's size at the fork; the kernel's high-water mark starts again at exec."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        return int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_own_process(function, *args):
