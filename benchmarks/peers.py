@@ -160,12 +160,11 @@ def noise_ppo(spec: dict) -> dict:
 
 
 def base_draws(spec: dict) -> dict:
-    """The base model on the held-out prompts with each of `max(best_of)` initial noises (the first is the base's);
-    the curve and training sets with the first. Times the sampling and the reward per image, for best-of-N's cost."""
+    """The base model on the held-out prompts with each of `max(best_of)` initial noises (the first is the base's).
+    Times the sampling and the reward per image, for best-of-N's cost."""
     from trl_noise_ppo.shapes import ShapesAlignmentReward
 
-    pipeline, evaluation = shapes_setup(spec["threads"]), spec["evaluation"]
-    held_out, reward = evaluation["held-out"], ShapesAlignmentReward()
+    pipeline, held_out, reward = shapes_setup(spec["threads"]), spec["held_out"], ShapesAlignmentReward()
     start = time.perf_counter()
     draws = torch.stack([
         sample(pipeline, held_out["prompts"], noise, spec["steps"], spec["guidance_scale"]) for noise in spec["draws"]
@@ -175,22 +174,18 @@ def base_draws(spec: dict) -> dict:
     for images in draws:
         reward(images=images, prompts=held_out["prompts"])
     scoring = (time.perf_counter() - start) / draws.shape[0] / draws.shape[1]
-    training = evaluation["training"]
-    return {
-        "draws": draws, "sampling_seconds_per_image": sampling, "reward_seconds_per_image": scoring,
-        "training": sample(pipeline, training["prompts"], training["noise"], spec["steps"], spec["guidance_scale"]),
-        "peak_memory_mb": peak_memory_mb(),
-    }
+    return {"draws": draws, "sampling_seconds_per_image": sampling, "reward_seconds_per_image": scoring,
+            "peak_memory_mb": peak_memory_mb()}
 
 
 def reno(spec: dict) -> dict:
     """Gradient ascent on each image's initial noise through the frozen pipeline and the differentiable reward."""
     from trl_noise_ppo.shapes import ShapesClassifier
-    from trl_noise_ppo.shapes.reward import _stated_attribute_probabilities, prompt_labels
+    from trl_noise_ppo.shapes.reward import differentiable_alignment_scores
 
     pipeline = shapes_setup(spec["threads"])
     prompts, noise = spec["prompts"], spec["noise"]
-    classifier, labels = ShapesClassifier.from_pretrained(), prompt_labels(prompts)
+    classifier = ShapesClassifier.from_pretrained()
     call_with_gradients = type(pipeline).__call__.__wrapped__  # __call__ itself runs under torch.no_grad
     latents = noise.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([latents], lr=spec["learning_rate"], momentum=0.9, nesterov=True)
@@ -200,8 +195,7 @@ def reno(spec: dict) -> dict:
     for iteration in range(spec["iterations"]):
         images = call_with_gradients(pipeline, prompts, latents=latents, num_inference_steps=spec["steps"],
                                      guidance_scale=spec["guidance_scale"], output_type="pt").images
-        probabilities, stated = _stated_attribute_probabilities(classifier(images), labels)
-        rewards = (probabilities * stated).sum(1) / stated.sum(1)  # ShapesAlignmentReward, with its gradient
+        rewards = differentiable_alignment_scores(classifier, images, prompts)  # ShapesAlignmentReward's score
         best_images = torch.zeros_like(images) if best_images is None else best_images
         improved = rewards.detach() > best_rewards
         best_rewards[improved], best_images[improved] = rewards.detach()[improved], images.detach()[improved]
@@ -343,6 +337,11 @@ def main(args: PeersArguments):
         return {"judge": torch.tensor(judge(images=images, prompts=prompts)),
                 "reward": torch.tensor(reward(images=images, prompts=prompts))}
 
+    def curve_score(images: torch.Tensor) -> float:
+        """The judge's mean over the curve's prompts (the first `curve_images` held-out ones)."""
+        curve_prompts = held_out_prompts[: args.curve_images]
+        return statistics.mean(judge(images=images[: len(curve_prompts)], prompts=curve_prompts))
+
     noise = torch.Generator().manual_seed(args.seed + 1)
     draws = torch.randn(max(args.best_of + [1]), args.held_out_images, 4, 8, 8, generator=noise)
     held_out_prompts = balanced_prompts("held-out", args.held_out_images)
@@ -366,10 +365,10 @@ def main(args: PeersArguments):
         guidance_scale = RECOMMENDED_GUIDANCE_SCALES[steps]
         common = {"steps": steps, "guidance_scale": guidance_scale, "threads": args.threads, "seed": args.seed}
         print(f"{steps} steps, guidance {guidance_scale:g}", flush=True)
-        base = in_own_process(base_draws, {**common, "evaluation": evaluation, "draws": draws})
+        base = in_own_process(base_draws, {**common, "held_out": evaluation["held-out"], "draws": draws})
         draw_scores = [scores(images, held_out_prompts) for images in base["draws"]]
         base_scores = draw_scores[0]
-        curves[steps] = {"base": interval(base_scores["judge"][: args.curve_images])["mean"]}
+        curves[steps] = {"base": curve_score(base["draws"][0])}
 
         def row(method: str, method_scores: dict, versus_base: bool = True, **extra) -> dict:
             entry = {"steps": steps, "method": method, **extra}
@@ -399,7 +398,8 @@ def main(args: PeersArguments):
                                                 "reward_queries": args.reward_queries,
                                                 "output_dir": str(output_dir / f"noise_ppo-{steps}")})
             images = result.pop("images")
-            noise_ppo_scores = scores(images["held-out"], held_out_prompts)
+            noise_ppo_images = images["held-out"]
+            noise_ppo_scores = scores(noise_ppo_images, held_out_prompts)
             noise_ppo_judge = noise_ppo_scores["judge"]
             curve_images = {queries: images[f"curve/{queries}"] for queries in checkpoints[:-1]}
             versus_best_of = {f"noise_ppo_minus_best_of_{n}_judge": interval(noise_ppo_judge - judge)
@@ -442,14 +442,14 @@ def main(args: PeersArguments):
             label = {"ddpo_lora": "DDPO (LoRA)", "ddpo_full": "DDPO (full UNet)"}[method]
             row(f"{label}, eta {eta}", ddpo_scores, wall_seconds=round(time.time() - start), sampler_eta=eta,
                 judge_gain_over_own_sampler=interval(ddpo_scores["judge"] - own_base["judge"]), **extra, **result)
-            curves[steps][label] = {0: interval(scores(images[f"curve/eta={eta}/0"], held_out_prompts[: args.curve_images])["judge"])["mean"]}
+            curves[steps][label] = {0: curve_score(images[f"curve/eta={eta}/0"])}
             for queries in checkpoints:
                 key = f"curve/eta={eta}/{queries}" if queries != final else f"held-out/eta={eta}/{final}"
-                curves[steps][label][queries] = interval(scores(images[key][: args.curve_images], held_out_prompts[: args.curve_images])["judge"])["mean"]
+                curves[steps][label][queries] = curve_score(images[key])
         if "noise_ppo" in args.methods:
-            curves[steps]["Noise PPO"] = {0: curves[steps]["base"], checkpoints[-1]: interval(noise_ppo_judge[: args.curve_images])["mean"]}
+            curves[steps]["Noise PPO"] = {0: curves[steps]["base"], checkpoints[-1]: curve_score(noise_ppo_images)}
             for queries, images in curve_images.items():
-                curves[steps]["Noise PPO"][queries] = interval(scores(images, held_out_prompts[: args.curve_images])["judge"])["mean"]
+                curves[steps]["Noise PPO"][queries] = curve_score(images)
 
     if args.cost:
         path = sd15_pipeline(Path(args.sd15_path))

@@ -92,13 +92,18 @@ def _stated_attribute_probabilities(
     return probabilities, stated
 
 
-@torch.no_grad()
-def alignment_scores(classifier: ShapesClassifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Mean over the prompt's stated attributes of the classifier's probability for the stated class, in [0, 1]."""
+def differentiable_alignment_scores(classifier: ShapesClassifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """`alignment_scores` with its gradient with respect to the images, for optimising against the reward."""
     device = next(classifier.parameters()).device
     labels = {name: label.to(device) for name, label in prompt_labels(prompts).items()}
     probabilities, stated = _stated_attribute_probabilities(classifier(images.to(device, torch.float32)), labels)
     return (probabilities * stated).sum(1) / stated.sum(1)
+
+
+@torch.no_grad()
+def alignment_scores(classifier: ShapesClassifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean over the prompt's stated attributes of the classifier's probability for the stated class, in [0, 1]."""
+    return differentiable_alignment_scores(classifier, images, prompts)
 
 
 @torch.no_grad()
