@@ -12,6 +12,7 @@ them. Writes `findings.json`, `findings.md` and `findings.png` to `--output_dir`
 
     python -m benchmarks.findings --output_dir outputs/findings                                # the docs' table
     python -m benchmarks.findings --steps 1 --variants default beta=0.1 learn_sigma ...        # the levers compared
+    python -m benchmarks.findings --pipeline_path outputs/shapes-turbo --steps 1 --guidance_scales 1   # another model
 """
 
 import json
@@ -26,17 +27,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer  # noqa: E402
 from trl_noise_ppo.scripts.evaluate import interval as evaluate_interval  # noqa: E402
 from trl_noise_ppo.shapes import (  # noqa: E402
     RECOMMENDED_GUIDANCE_SCALES,
+    SHAPES_PIPELINE_PATH,
     ShapesAlignmentReward,
     ShapesClassifier,
     ShapesJudge,
     balanced_prompts,
-    load_shapes_pipeline,
 )
 from trl_noise_ppo.shapes.reward import is_aligned  # noqa: E402
 
@@ -64,6 +66,11 @@ class FindingsArguments:
     num_training_prompts: int = 1024
     images_per_set: int = 512
     seed: int = 0
+    pipeline_path: str = field(default=SHAPES_PIPELINE_PATH, metadata={"help": "The base pipeline; the bundled one by default."})
+    guidance_scales: list[float] | None = field(
+        default=None,
+        metadata={"help": "One per --steps; by default RECOMMENDED_GUIDANCE_SCALES, which are the bundled model's."},
+    )
 
 
 def interval(values: torch.Tensor) -> dict:
@@ -86,8 +93,14 @@ def main(args: FindingsArguments):
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"Unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}.")
+    if args.guidance_scales is None:
+        guidance_scales = {steps: RECOMMENDED_GUIDANCE_SCALES[steps] for steps in args.steps}
+    elif len(args.guidance_scales) == len(args.steps):
+        guidance_scales = dict(zip(args.steps, args.guidance_scales))
+    else:
+        raise ValueError(f"--guidance_scales has {len(args.guidance_scales)} values for {len(args.steps)} --steps; give one per step count.")
     os.makedirs(args.output_dir, exist_ok=True)
-    pipe = load_shapes_pipeline()
+    pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_path)
     pipe.set_progress_bar_config(disable=True)
     reward, classifier, judge = ShapesAlignmentReward(), ShapesClassifier.from_pretrained(), ShapesJudge()
     train_dataset = Dataset.from_dict({"prompt": balanced_prompts("training", args.num_training_prompts)})
@@ -95,7 +108,7 @@ def main(args: FindingsArguments):
     results = []
     for variant in args.variants:
         for steps in args.steps:
-            start, guidance_scale = time.time(), RECOMMENDED_GUIDANCE_SCALES[steps]
+            start, guidance_scale = time.time(), guidance_scales[steps]
             config = NoisePPOConfig(
                 output_dir=os.path.join(args.output_dir, f"{variant}-{steps}-steps"),
                 num_inference_steps=steps, guidance_scale=guidance_scale, num_generations=8,

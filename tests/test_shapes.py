@@ -169,3 +169,41 @@ def test_evaluate_base_picks_the_guidance_by_training_prompts(tmp_path, capsys):
             by_kind = cell[split]["judge_by_kind"]
             assert sum(by_kind.values()) / 4 == pytest.approx(cell[split]["judge"])  # 2 images of each kind
     assert (tmp_path / "evaluate_base.json").exists() and "| steps | best guidance |" in capsys.readouterr().out
+
+
+def test_distillation_brings_one_step_images_to_the_teachers(pipeline):
+    """A short distillation on 16 (noise, prompt) pairs: the student's one-step latents must come at least twice as
+    close to the teacher's 8-step samples as the teacher's own one-step latents are, and the student still samples."""
+    import torch.nn.functional as F
+
+    from trl_noise_ppo.shapes.distil_base import DistilBaseArguments, distil, one_step_prediction, teacher_samples
+    from trl_noise_ppo.shapes.train_base import encode_latents
+
+    args = DistilBaseArguments(teacher_path="", steps=40, batch_size=16, learning_rate=1e-3, warmup_steps=1, log_every=1000)
+    prompts = balanced_prompts("training", 16)
+    noise = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = pipeline.tokenizer(prompts, padding="max_length", max_length=pipeline.tokenizer.model_max_length, return_tensors="pt").input_ids
+    images, captions, _ = render_batch(range(16))
+    latents = encode_latents(pipeline.vae, images) * pipeline.vae.config.scaling_factor
+    latent_ids = pipeline.tokenizer(captions, padding="max_length", max_length=pipeline.tokenizer.model_max_length, return_tensors="pt").input_ids
+    targets = teacher_samples(pipeline, prompts, noise, args)
+
+    def distance(model):
+        with torch.no_grad():
+            return F.mse_loss(one_step_prediction(model.unet, model.text_encoder, model.scheduler, noise, ids), targets).item()
+
+    teacher_weights = {name: weight.clone() for name, weight in pipeline.unet.state_dict().items()}
+    student = distil(pipeline, noise, ids, targets, latents, latent_ids, args, torch.Generator().manual_seed(0))
+    assert distance(student) < 0.5 * distance(pipeline), (distance(student), distance(pipeline))
+    assert all(torch.equal(weight, pipeline.unet.state_dict()[name]) for name, weight in teacher_weights.items())
+    images = student(prompts[:2], latents=noise[:2], num_inference_steps=1, guidance_scale=1.0, output_type="pt").images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_distillation_refuses_to_overwrite_a_folder_before_any_work(tmp_path):
+    from trl_noise_ppo.shapes.distil_base import DistilBaseArguments, main
+
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        main(DistilBaseArguments(teacher_path="no-such-folder", output_dir=str(tmp_path)))
+    assert (tmp_path / "model_index.json").read_text() == "{}"

@@ -32,6 +32,7 @@ class TrainBaseArguments:
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     unet_steps: int = field(default=4_000, metadata={"help": "Optimiser steps of the UNet and text encoder."})
+    beta_end: float = field(default=0.012, metadata={"help": "Last beta of the scaled_linear noise schedule."})
     unet_batch_size: int = 64
     unet_learning_rate: float = 1e-3
     warmup_steps: int = 200
@@ -86,7 +87,7 @@ def build_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(directory, model_max_length=max_length)
 
 
-def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel, DDIMScheduler]:
+def build_models(tokenizer: CLIPTokenizer, beta_end: float = 0.012) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel, DDIMScheduler]:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -128,7 +129,7 @@ def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel
     # starts at t = 999, pure noise, and few-step sampling is meaningful (yet imperfect).
     scheduler = DDIMScheduler(
         beta_start=0.00085,
-        beta_end=0.012,
+        beta_end=beta_end,
         beta_schedule="scaled_linear",
         prediction_type="v_prediction",
         timestep_spacing="trailing",
@@ -214,7 +215,7 @@ def main(args: TrainBaseArguments) -> None:
     start = time.time()
 
     tokenizer = build_tokenizer()
-    vae, text_encoder, unet, scheduler = build_models(tokenizer)
+    vae, text_encoder, unet, scheduler = build_models(tokenizer, args.beta_end)
     for name, model in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
         print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
 
