@@ -26,7 +26,7 @@ from diffusers import StableDiffusionPipeline
 from transformers import HfArgumentParser
 
 from .render import render_example
-from .train_base import _cosine_with_warmup, encode_latents
+from .train_base import adamw_with_cosine_schedule, encode_latents, v_prediction_loss
 
 
 @dataclass
@@ -83,23 +83,15 @@ def distil(
     empty_ids = tokenizer("", padding="max_length", max_length=max_length, return_tensors="pt").input_ids[0]
     unet, text_encoder = copy.deepcopy(teacher.unet).train(), copy.deepcopy(teacher.text_encoder).train()
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _cosine_with_warmup(step, args.steps, args.warmup_steps)
-    )
+    optimizer, schedule = adamw_with_cosine_schedule(parameters, args.learning_rate, args.steps, args.warmup_steps)
     start = time.time()
     for step in range(args.steps):
         index = torch.randint(len(noise), (args.batch_size,), generator=generator)
         x0 = one_step_prediction(unet, text_encoder, scheduler, noise[index], caption_ids[index])
         distil_loss = F.mse_loss(x0, targets[index])
 
-        index = torch.randint(len(latents), (args.batch_size,), generator=generator)
-        ids = latent_caption_ids[index].clone()
-        ids[torch.rand(len(ids), generator=generator) < args.caption_dropout] = empty_ids
-        eps = torch.randn(latents[index].shape, generator=generator)
-        timesteps = torch.randint(scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
-        prediction = unet(scheduler.add_noise(latents[index], eps, timesteps), timesteps, text_encoder(ids)[0]).sample
-        denoise_loss = F.mse_loss(prediction, scheduler.get_velocity(latents[index], eps, timesteps))
+        denoise_loss = v_prediction_loss(unet, text_encoder, scheduler, latents, latent_caption_ids, empty_ids,
+                                         args.batch_size, args.caption_dropout, generator)
 
         (distil_loss + denoise_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

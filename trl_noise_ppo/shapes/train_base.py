@@ -146,9 +146,14 @@ def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def adamw_with_cosine_schedule(parameters, learning_rate: float, steps: int, warmup_steps: int):
+    """AdamW without weight decay, and a linear warm-up then cosine decay to 0 over `steps`."""
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, steps, warmup_steps))
+
+
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, args: TrainBaseArguments, generator: torch.Generator) -> None:
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, args.vae_steps, args.warmup_steps))
+    optimizer, schedule = adamw_with_cosine_schedule(vae.parameters(), args.vae_learning_rate, args.vae_steps, args.warmup_steps)
     start = time.time()
     for step in range(args.vae_steps):
         batch = images[torch.randint(len(images), (args.vae_batch_size,), generator=generator)] * 2 - 1
@@ -171,6 +176,28 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 5
     return torch.cat([vae.encode(batch * 2 - 1).latent_dist.mean for batch in batches])
 
 
+def v_prediction_loss(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    caption_ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    batch_size: int,
+    caption_dropout: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The diffusion loss on a random batch of latents at uniform timesteps, with v-prediction; a share of the captions
+    is replaced by the empty one, so that classifier-free guidance works."""
+    index = torch.randint(len(latents), (batch_size,), generator=generator)
+    x0, ids = latents[index], caption_ids[index].clone()
+    ids[torch.rand(len(ids), generator=generator) < caption_dropout] = empty_ids
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    prediction = unet(scheduler.add_noise(x0, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
+    return F.mse_loss(prediction, scheduler.get_velocity(x0, noise, timesteps))
+
+
 def train_unet(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -182,18 +209,11 @@ def train_unet(
     generator: torch.Generator,
 ) -> None:
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.unet_learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, args.unet_steps, args.warmup_steps))
+    optimizer, schedule = adamw_with_cosine_schedule(parameters, args.unet_learning_rate, args.unet_steps, args.warmup_steps)
     start, running_loss = time.time(), 0.0
     for step in range(args.unet_steps):
-        index = torch.randint(len(latents), (args.unet_batch_size,), generator=generator)
-        x0, ids = latents[index], caption_ids[index].clone()
-        ids[torch.rand(len(ids), generator=generator) < args.caption_dropout] = empty_ids
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-        noisy = scheduler.add_noise(x0, noise, timesteps)
-        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, scheduler.get_velocity(x0, noise, timesteps))
+        loss = v_prediction_loss(unet, text_encoder, scheduler, latents, caption_ids, empty_ids, args.unet_batch_size,
+                                 args.caption_dropout, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
