@@ -11,7 +11,7 @@ their differences are paired; intervals are 95% normal intervals over images, as
 them. Writes `findings.json`, `findings.md` and `findings.png` to `--output_dir`.
 
     python -m benchmarks.findings --output_dir outputs/findings                                # the docs' table
-    python -m benchmarks.findings --steps 1 --variants default beta=0.1 learn_sigma ...        # the levers compared
+    python -m benchmarks.findings --steps 1 --variants default beta=0.1 fixed_sigma ...        # the levers compared
     python -m benchmarks.findings --pipeline_path outputs/shapes-turbo --steps 1 --guidance_scales 1   # another model
 """
 
@@ -49,7 +49,7 @@ VARIANTS = {
     "beta=0": {"beta": 0.0},
     "beta=0.1": {"beta": 0.1},
     "beta=1": {"beta": 1.0},
-    "learn_sigma": {"learn_sigma": True},
+    "fixed_sigma": {"learn_sigma": False},
     "epsilon=0.001": {"epsilon": 0.001},
     "lr=3e-4": {"learning_rate": 3e-4},
     "lr=3e-3": {"learning_rate": 3e-3},
@@ -61,11 +61,17 @@ VARIANTS = {
 class FindingsArguments:
     output_dir: str = "outputs/findings"
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    variants: list[str] = field(default_factory=lambda: ["default"], metadata={"help": f"Of {', '.join(VARIANTS)}."})
+    variants: list[str] = field(
+        default_factory=lambda: ["default"],
+        metadata={"help": f"Of {', '.join(VARIANTS)}; join several with '+' to combine them (fixed_sigma+lr=3e-3)."},
+    )
     generation_batches: int = 100
     num_training_prompts: int = 1024
     images_per_set: int = 512
     seed: int = 0
+    reward_aggregation: str = field(
+        default="mean", metadata={"help": "How the training reward combines the stated attributes' probabilities: mean or product."}
+    )
     pipeline_path: str = field(default=SHAPES_PIPELINE_PATH, metadata={"help": "The base pipeline; the bundled one by default."})
     guidance_scales: list[float] | None = field(
         default=None,
@@ -89,10 +95,18 @@ def score(pipeline, prompts, steps, guidance_scale, eps, reward, classifier, jud
     }
 
 
+def variant_overrides(variant: str) -> dict:
+    """The NoisePPOConfig overrides of a variant, or of several joined by '+'."""
+    overrides = {}
+    for name in variant.split("+"):
+        if name not in VARIANTS:
+            raise ValueError(f"Unknown variant {name!r} in {variant!r}; choose from {', '.join(VARIANTS)}, joined by '+'.")
+        overrides.update(VARIANTS[name])
+    return overrides
+
+
 def main(args: FindingsArguments):
-    unknown = sorted(set(args.variants) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"Unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}.")
+    overrides = {variant: variant_overrides(variant) for variant in args.variants}
     if args.guidance_scales is None:
         guidance_scales = {steps: RECOMMENDED_GUIDANCE_SCALES[steps] for steps in args.steps}
     elif len(args.guidance_scales) == len(args.steps):
@@ -102,7 +116,7 @@ def main(args: FindingsArguments):
     os.makedirs(args.output_dir, exist_ok=True)
     pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_path)
     pipe.set_progress_bar_config(disable=True)
-    reward, classifier, judge = ShapesAlignmentReward(), ShapesClassifier.from_pretrained(), ShapesJudge()
+    reward, classifier, judge = ShapesAlignmentReward(aggregation=args.reward_aggregation), ShapesClassifier.from_pretrained(), ShapesJudge()
     train_dataset = Dataset.from_dict({"prompt": balanced_prompts("training", args.num_training_prompts)})
     sets = {name: balanced_prompts(name, args.images_per_set) for name in ("training", "held-out")}
     results = []
@@ -114,7 +128,7 @@ def main(args: FindingsArguments):
                 num_inference_steps=steps, guidance_scale=guidance_scale, num_generations=8,
                 per_device_train_batch_size=64, num_iterations=4, max_steps=4 * args.generation_batches,
                 save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=4, seed=args.seed,
-                **VARIANTS[variant],
+                **overrides[variant],
             )
             trainer = NoisePPOTrainer(pipe, reward, args=config, train_dataset=train_dataset)
             trainer.train()

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 SHAPES_PIPELINE_PATH = str(Path(__file__).parent / "weights" / "pipeline")
 # The guidance scale at which the bundled model follows its training prompts best (judge-correct share), by steps,
 # as measured by `python -m trl_noise_ppo.shapes.evaluate_base` (docs/shapes_world.md); use it for a fair base.
-RECOMMENDED_GUIDANCE_SCALES = {1: 1.5, 2: 2.0, 4: 3.0, 8: 3.0, 16: 3.0}
+RECOMMENDED_GUIDANCE_SCALES = {1: 1.0, 2: 1.5, 4: 1.5, 8: 2.0, 16: 3.0}
 
 
 def load_shapes_pipeline(

@@ -2,6 +2,8 @@
 
     python -m trl_noise_ppo.shapes.distil_base --teacher_path outputs/shapes-teacher --output_dir outputs/shapes-turbo
 
+The bundled model (`trl_noise_ppo/shapes/weights/pipeline`) is `train_base`'s defaults distilled with these defaults.
+
 A many-step model sampled in one step returns the average of every image its prompt allows (blurred, merged
 objects); a distilled one commits to one image per noise. The student starts as a copy of the teacher and learns, at
 t = 999 (where 1, 2 and 4 trailing DDIM steps all start), to predict the image the teacher makes from the same noise

@@ -92,18 +92,28 @@ def _stated_attribute_probabilities(
     return probabilities, stated
 
 
-def differentiable_alignment_scores(classifier: ShapesClassifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+AGGREGATIONS = ("mean", "product")
+
+
+def differentiable_alignment_scores(
+    classifier: ShapesClassifier, images: torch.Tensor, prompts: list[str], aggregation: str = "mean"
+) -> torch.Tensor:
     """`alignment_scores` with its gradient with respect to the images, for optimising against the reward."""
     device = next(classifier.parameters()).device
     labels = {name: label.to(device) for name, label in prompt_labels(prompts).items()}
     probabilities, stated = _stated_attribute_probabilities(classifier(images.to(device, torch.float32)), labels)
+    if aggregation == "product":
+        return torch.where(stated, probabilities, 1.0).prod(1)
     return (probabilities * stated).sum(1) / stated.sum(1)
 
 
 @torch.no_grad()
-def alignment_scores(classifier: ShapesClassifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Mean over the prompt's stated attributes of the classifier's probability for the stated class, in [0, 1]."""
-    return differentiable_alignment_scores(classifier, images, prompts)
+def alignment_scores(
+    classifier: ShapesClassifier, images: torch.Tensor, prompts: list[str], aggregation: str = "mean"
+) -> torch.Tensor:
+    """The classifier's probabilities of the prompt's stated attributes, in [0, 1]: their mean, or with
+    `aggregation="product"` their product (the probability that every stated attribute holds, if they are independent)."""
+    return differentiable_alignment_scores(classifier, images, prompts, aggregation)
 
 
 @torch.no_grad()
@@ -133,13 +143,18 @@ class ShapesAlignmentReward:
     name = "shapes_alignment"
     __name__ = name  # TRL names a reward function's logged metrics after its __name__
 
-    def __init__(self, weights_path: str | Path = REWARD_PATH, device: str | torch.device | None = None):
+    def __init__(
+        self, weights_path: str | Path = REWARD_PATH, device: str | torch.device | None = None, aggregation: str = "mean"
+    ):
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
         self.weights_path = weights_path
         self.device = device
+        self.aggregation = aggregation
         self.classifier: ShapesClassifier | None = None
 
     def __call__(self, images: torch.Tensor, prompts: list[str], **kwargs) -> list[float]:
         if self.classifier is None:
             self.device = torch.device(self.device) if self.device is not None else images.device
             self.classifier = ShapesClassifier.from_pretrained(self.weights_path).to(self.device)
-        return alignment_scores(self.classifier, images, prompts).tolist()
+        return alignment_scores(self.classifier, images, prompts, self.aggregation).tolist()

@@ -1,6 +1,8 @@
 """Train the shapes world's tiny text-to-image model and save it as a Stable Diffusion pipeline folder.
 
-    python -m trl_noise_ppo.shapes.train_base --output_dir trl_noise_ppo/shapes/weights/pipeline
+    python -m trl_noise_ppo.shapes.train_base --output_dir outputs/shapes-teacher
+
+The bundled model is this one distilled into a few-step model (`distil_base`, docs/shapes_world.md).
 
 Stages: (1) a CLIP byte-level BPE tokenizer whose words are the world's caption words, (2) a small
 AutoencoderKL (32 x 32 RGB <-> 4 x 8 x 8 latents), (3) a UNet2DConditionModel and a tiny CLIPTextModel trained
@@ -31,7 +33,7 @@ class TrainBaseArguments:
     vae_steps: int = field(default=1_000, metadata={"help": "Optimiser steps of the autoencoder."})
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
-    unet_steps: int = field(default=4_000, metadata={"help": "Optimiser steps of the UNet and text encoder."})
+    unet_steps: int = field(default=3_000, metadata={"help": "Optimiser steps of the UNet and text encoder."})
     beta_end: float = field(default=0.012, metadata={"help": "Last beta of the scaled_linear noise schedule."})
     unet_batch_size: int = 64
     unet_learning_rate: float = 1e-3
