@@ -113,10 +113,10 @@ def main(args: FindingsArguments):
         guidance_scales = dict(zip(args.steps, args.guidance_scales))
     else:
         raise ValueError(f"--guidance_scales has {len(args.guidance_scales)} values for {len(args.steps)} --steps; give one per step count.")
+    reward, classifier, judge = ShapesAlignmentReward(aggregation=args.reward_aggregation), ShapesClassifier.from_pretrained(), ShapesJudge()
     os.makedirs(args.output_dir, exist_ok=True)
     pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_path)
     pipe.set_progress_bar_config(disable=True)
-    reward, classifier, judge = ShapesAlignmentReward(aggregation=args.reward_aggregation), ShapesClassifier.from_pretrained(), ShapesJudge()
     train_dataset = Dataset.from_dict({"prompt": balanced_prompts("training", args.num_training_prompts)})
     sets = {name: balanced_prompts(name, args.images_per_set) for name in ("training", "held-out")}
     results = []
