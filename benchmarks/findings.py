@@ -13,6 +13,7 @@ them. Writes `findings.json`, `findings.md` and `findings.png` to `--output_dir`
     python -m benchmarks.findings --output_dir outputs/findings                                # the docs' table
     python -m benchmarks.findings --steps 1 --variants default beta=0.1 fixed_sigma ...        # the levers compared
     python -m benchmarks.findings --pipeline_path outputs/shapes-turbo --steps 1 --guidance_scales 1   # another model
+    python -m benchmarks.findings --steps 1 --extra_reward_paths outputs/reward-seed1                  # a reward ensemble
 """
 
 import json
@@ -30,7 +31,7 @@ from datasets import Dataset  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
-from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer  # noqa: E402
+from trl_noise_ppo import NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer  # noqa: E402
 from trl_noise_ppo.scripts.evaluate import interval as evaluate_interval  # noqa: E402
 from trl_noise_ppo.shapes import (  # noqa: E402
     RECOMMENDED_GUIDANCE_SCALES,
@@ -54,7 +55,13 @@ VARIANTS = {
     "lr=3e-4": {"learning_rate": 3e-4},
     "lr=3e-3": {"learning_rate": 3e-3},
     "token_attention": {"generator_architecture": "token_attention"},
+    "shell": {"project_to_shell": True},
+    # PPO on the summed log-ratio over the noise's D dimensions with clip range 0.2: its gradient is D times the mean
+    # form's with the clip range divided by D; under Adam, which normalises the gradient's scale, that is the mean form
+    # with epsilon and beta divided by D (256 for the bundled model)
+    "sum_log_ratio": {"epsilon": 0.2 / 256, "beta": 0.01 / 256},
 }
+SUM_LOG_RATIO_DIMS = 256
 
 
 @dataclass
@@ -69,6 +76,10 @@ class FindingsArguments:
     num_training_prompts: int = 1024
     images_per_set: int = 512
     seed: int = 0
+    extra_reward_paths: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Reward classifiers (train_reward outputs) trained on beside the bundled one: a reward ensemble."},
+    )
     reward_aggregation: str = field(
         default="mean", metadata={"help": "How the training reward combines the stated attributes' probabilities: mean or product."}
     )
@@ -114,8 +125,12 @@ def main(args: FindingsArguments):
     else:
         raise ValueError(f"--guidance_scales has {len(args.guidance_scales)} values for {len(args.steps)} --steps; give one per step count.")
     reward, classifier, judge = ShapesAlignmentReward(aggregation=args.reward_aggregation), ShapesClassifier.from_pretrained(), ShapesJudge()
-    os.makedirs(args.output_dir, exist_ok=True)
+    reward_funcs = [reward] + [ShapesAlignmentReward(path, aggregation=args.reward_aggregation) for path in args.extra_reward_paths]
     pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_path)
+    noise_dims = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
+    if any("sum_log_ratio" in variant for variant in args.variants) and noise_dims != SUM_LOG_RATIO_DIMS:
+        raise ValueError(f"sum_log_ratio is set for noise of {SUM_LOG_RATIO_DIMS} dimensions; this pipeline's has {noise_dims}.")
+    os.makedirs(args.output_dir, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     train_dataset = Dataset.from_dict({"prompt": balanced_prompts("training", args.num_training_prompts)})
     sets = {name: balanced_prompts(name, args.images_per_set) for name in ("training", "held-out")}
@@ -130,10 +145,9 @@ def main(args: FindingsArguments):
                 save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=4, seed=args.seed,
                 **overrides[variant],
             )
-            trainer = NoisePPOTrainer(pipe, reward, args=config, train_dataset=train_dataset)
+            trainer = NoisePPOTrainer(pipe, reward_funcs, args=config, train_dataset=train_dataset)
             trainer.train()
             trainer.save_model()
-            base = NoisePPOPipeline(pipe, NoiseGenerator(trainer.model.config))  # untrained: exactly the base model
             tuned = NoisePPOPipeline(pipe, trainer.model)
             drift = trainer.state.log_history[-2] if len(trainer.state.log_history) > 1 else {}
             row = {
@@ -144,7 +158,7 @@ def main(args: FindingsArguments):
             for name, prompts in sets.items():
                 noise = torch.Generator().manual_seed(args.seed + 1)
                 eps = torch.randn(4, len(prompts), *trainer.model.config.noise_shape, generator=noise)
-                base_scores = [score(base, prompts, steps, guidance_scale, eps[i], reward, classifier, judge) for i in range(4)]
+                base_scores = [score(pipe, prompts, steps, guidance_scale, eps[i], reward, classifier, judge) for i in range(4)]
                 tuned_scores = score(tuned, prompts, steps, guidance_scale, eps[0], reward, classifier, judge)
                 pick = torch.stack([s["reward"] for s in base_scores]).argmax(dim=0)  # best-of-4 by the reward
                 best_of_4 = {m: torch.stack([s[m] for s in base_scores]).gather(0, pick[None])[0] for m in tuned_scores}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig
-from trl_noise_ppo.noise_generator import load_noise_generator
+from trl_noise_ppo.noise_generator import load_noise_generator, pipeline_noise
 
 
 ARCHITECTURES = ["pooled_mlp", "token_attention"]
@@ -99,6 +99,21 @@ def test_save_and_load_round_trip(tmp_path, architecture):
     inputs = conditioning()
     for expected, actual in zip(generator(**inputs), loaded(**inputs)):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("noise_shape", [(4, 16, 16), (64, 8)])
+def test_pipeline_noise_is_rescaled_onto_the_shell_only_when_the_config_asks(tmp_path, noise_shape):
+    noise = 3 * torch.randn(5, *noise_shape) + 1
+    config = NoiseGeneratorConfig(noise_shape=list(noise_shape), prompt_embeds_dim=32, project_to_shell=True)
+    assert pipeline_noise(noise, NoiseGeneratorConfig(noise_shape=list(noise_shape))) is noise  # off by default
+    projected = pipeline_noise(noise, config)
+    dims = noise[0].numel()
+    torch.testing.assert_close(projected.flatten(1).norm(dim=1), torch.full((5,), dims**0.5))
+    cosine = torch.nn.functional.cosine_similarity(projected.flatten(1), noise.flatten(1))
+    torch.testing.assert_close(cosine, torch.ones(5))  # only the norm changes
+    assert pipeline_noise(torch.zeros(2, *noise_shape), config).isfinite().all()
+    config.save_pretrained(tmp_path)
+    assert NoiseGeneratorConfig.from_pretrained(tmp_path).project_to_shell is True
 
 
 def test_bad_config_is_refused():

@@ -9,7 +9,7 @@ from trl_noise_ppo.noise_injection import encode_prompts
 CALL = {"num_inference_steps": 2, "output_type": "pt"}
 
 
-def generator_for(pipe, noise_shape=(4, 32, 32), base_pipeline=None):
+def generator_for(pipe, noise_shape=(4, 32, 32), base_pipeline=None, project_to_shell=False):
     embeds = encode_prompts(pipe, ["x"])
     pooled = embeds.get("pooled_prompt_embeds")
     return NoiseGenerator(
@@ -19,6 +19,7 @@ def generator_for(pipe, noise_shape=(4, 32, 32), base_pipeline=None):
             pooled_prompt_embeds_dim=None if pooled is None else pooled.shape[-1],
             base_pipeline=base_pipeline,
             pipeline_class=type(pipe).__name__,
+            project_to_shell=project_to_shell,
         )
     )
 
@@ -41,6 +42,16 @@ def test_untrained_generator_reproduces_base_pipeline(family):
     eps = torch.randn(3, 4, 32, 32)
     base = pipe("a cat", num_images_per_prompt=3, latents=eps, **CALL).images
     assert torch.equal(tuned("a cat", num_images_per_prompt=3, latents=eps, **CALL).images, base)
+
+
+def test_a_shell_projecting_generator_gives_the_pipeline_its_noise_at_the_norm_of_n01_noise():
+    pipe = build_pipeline("sd")
+    tuned = NoisePPOPipeline(pipe, generator_for(pipe, project_to_shell=True))
+    eps = torch.randn(2, 4, 32, 32)
+    on_shell = eps * (eps[0].numel() ** 0.5 / eps.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    images = tuned("a cat", num_images_per_prompt=2, latents=eps, **CALL).images
+    torch.testing.assert_close(images, pipe("a cat", num_images_per_prompt=2, latents=on_shell, **CALL).images)
+    assert not torch.allclose(images, pipe("a cat", num_images_per_prompt=2, latents=eps, **CALL).images)
 
 
 def test_trained_generator_changes_images_and_mean_mode_is_deterministic():

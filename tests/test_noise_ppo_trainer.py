@@ -685,3 +685,31 @@ def test_sampled_noise_has_unit_spread_around_the_learned_mean(tmp_path):
     assert log_sigma.mean() > 0.5
     z = (rollout["noise"] - mu) / log_sigma.exp()
     assert abs(z.std().item() - 1) < 0.02 and abs(z.mean().item()) < 0.02
+
+
+def test_project_to_shell_rescales_the_noise_the_pipeline_gets_not_the_action(tmp_path, monkeypatch):
+    pipe = build_pipeline("sd")
+    trainer = _perturbed(NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path, project_to_shell=True), train_dataset=PROMPTS), sigma_bias=0.7)
+    assert trainer.model.config.project_to_shell is True
+    received = []
+    original_call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *args, **kwargs: received.append(kwargs["latents"]) or original_call(self, *args, **kwargs))
+    rollout = trainer._sample_and_score(TWO_PROMPTS)
+    latents, noise = torch.cat(received).flatten(1), rollout["noise"].flatten(1)
+    torch.testing.assert_close(latents.norm(dim=1), torch.full((8,), latents.shape[1] ** 0.5))
+    assert (noise.norm(dim=1) / latents.shape[1] ** 0.5).min() > 1.5  # the action itself (sigma about 2) is off the shell
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(latents, noise), torch.ones(8))
+
+
+def scaled_brightness(images, prompts, factor, **kwargs):
+    return [factor * value for value in brightness(images, prompts)]
+
+
+def test_reward_functions_of_one_name_log_under_numbered_names(tmp_path):
+    rewards = [functools.partial(scaled_brightness, factor=1.0), functools.partial(scaled_brightness, factor=10.0), brightness]
+    trainer = NoisePPOTrainer(build_pipeline("sd"), rewards, args=make_config(tmp_path, max_steps=2), train_dataset=PROMPTS)
+    assert trainer.reward_func_names == ["scaled_brightness_1", "scaled_brightness_2", "brightness"]
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["rewards/scaled_brightness_2/mean"] == pytest.approx(10 * logged["rewards/scaled_brightness_1/mean"], rel=1e-4)
+    assert logged["rewards/brightness/mean"] == pytest.approx(logged["rewards/scaled_brightness_1/mean"], rel=1e-4)

@@ -141,6 +141,11 @@ def test_product_reward_is_the_probability_that_every_stated_attribute_holds(rew
         ShapesAlignmentReward(aggregation="sum")
 
 
+def test_a_reward_folder_without_weights_is_refused_at_construction(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no config.json or model.safetensors: pass a folder written by"):
+        ShapesAlignmentReward(tmp_path)
+
+
 def test_noise_ppo_raises_alignment_on_the_bundled_model(tmp_path):
     """A short Noise PPO run at one step, the quickstart's setting, on 8 prompts (each seen 20 times, so that a short
     run can learn them; lr 3e-3), measured on the same prompts and eps before and after: the paired gain must clear

@@ -45,6 +45,10 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         learn_sigma (`bool`, *optional*, defaults to `False`):
             Whether the policy also learns a per-element standard deviation. When `False` the standard deviation is
             fixed at 1, which keeps the noise at the scale the frozen model was trained on.
+        project_to_shell (`bool`, *optional*, defaults to `False`):
+            Whether each noise sample is rescaled to norm `sqrt(D)` (its number of elements) before it reaches the
+            pipeline: the shell where `N(0, I)` noise lies, so the frozen model sees noise of the norm it was trained
+            on however far the mean drifts. The policy's action, and its density, stay those of the unscaled noise.
     """
 
     model_type = "noise_generator"
@@ -62,6 +66,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         grid_size: int = 8,
         grid_channels: int = 64,
         learn_sigma: bool = False,
+        project_to_shell: bool = False,
         **kwargs,
     ):
         self.noise_shape = list(noise_shape) if noise_shape is not None else None
@@ -75,6 +80,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self.grid_size = grid_size
         self.grid_channels = grid_channels
         self.learn_sigma = learn_sigma
+        self.project_to_shell = project_to_shell
         super().__init__(**kwargs)
 
 
@@ -254,6 +260,16 @@ class NoiseGenerator(PreTrainedModel):
             # patches in row-major order, as the pipelines pack them
             mu, log_sigma = (x.flatten(2).transpose(1, 2) for x in (mu, log_sigma))
         return mu, log_sigma
+
+
+def pipeline_noise(noise: torch.Tensor, config: NoiseGeneratorConfig) -> torch.Tensor:
+    """The noise the pipeline gets for the policy's sample `noise` (batch first): `noise` itself, or, with
+    `config.project_to_shell`, `noise * sqrt(D) / ||noise||` per sample (`N(0, I)` noise in D dimensions has norm
+    sqrt(D) +- 0.7)."""
+    if not config.project_to_shell:
+        return noise
+    norms = noise.flatten(1).norm(dim=1).clamp(min=1e-12)  # zero noise (an untrained mean) stays zero
+    return noise * (math.sqrt(noise[0].numel()) / norms).view(-1, *[1] * (noise.ndim - 1))
 
 
 def load_noise_generator(pretrained_model_name_or_path: str, **kwargs) -> nn.Module:

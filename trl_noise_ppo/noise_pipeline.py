@@ -5,7 +5,7 @@ import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi
 
-from .noise_generator import NoiseGenerator, load_noise_generator
+from .noise_generator import NoiseGenerator, load_noise_generator, pipeline_noise
 from .noise_injection import (
     check_generator_fits,
     check_pipeline_takes_noise,
@@ -31,9 +31,9 @@ class NoisePPOPipeline:
     Noise is `x_T = mu(c) + sigma(c) * eps`. `eps` is drawn by the wrapped pipeline's own `prepare_latents` from your
     `generator`, exactly as the pipeline would draw its own noise (packed-latent families included), or is the `latents`
     you pass: with an untrained generator the images are exactly those of the wrapped pipeline for the same seed or
-    `latents`. Pass `noise="mean"` to use `x_T = mu(c)`; note that
-    this noise is far smoother than what the frozen model was trained on, so sampling (the default) is usually better,
-    and a seeded `generator` already makes it deterministic.
+    `latents` (unless its config has `project_to_shell`). Pass `noise="mean"` to use `x_T = mu(c)`; note that this noise
+    is far smoother than what the frozen model was trained on, so sampling (the default) is usually better, and a
+    seeded `generator` already makes it deterministic.
 
     Args:
         pipeline (`DiffusionPipeline`): the frozen text-to-image pipeline; it must accept `latents=`.
@@ -179,4 +179,5 @@ class NoisePPOPipeline:
         mu = mu.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
         log_sigma = log_sigma.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
         noise_tensor = mu if noise == "mean" else mu + torch.exp(log_sigma) * latents.to(spec.device, torch.float32)
+        noise_tensor = pipeline_noise(noise_tensor, self.noise_generator.config)
         return self.pipeline(**call_kwargs, latents=noise_tensor.to(spec.dtype))

@@ -24,7 +24,7 @@ from trl.trainer.utils import RepeatSampler, get_callable_name
 
 from . import __version__
 from .image_logging import log_images
-from .noise_generator import NoiseGenerator, load_noise_generator
+from .noise_generator import NoiseGenerator, load_noise_generator, pipeline_noise
 from .noise_injection import (
     check_generator_fits,
     check_pipeline_takes_noise,
@@ -212,7 +212,9 @@ class NoisePPOTrainer(_BaseTrainer):
             )
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
         check_reward_files(self.reward_funcs)  # every missing weight file named at once, before any sampling
-        self.reward_func_names = [get_callable_name(func) for func in self.reward_funcs]
+        names = [get_callable_name(func) for func in self.reward_funcs]
+        # two functions of one name (an ensemble of one reward class) would otherwise log into one metric
+        self.reward_func_names = [f"{name}_{names[:i].count(name) + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(
@@ -257,6 +259,7 @@ class NoisePPOTrainer(_BaseTrainer):
                     grid_size=args.generator_grid_size,
                     grid_channels=args.generator_grid_channels,
                     learn_sigma=args.learn_sigma,
+                    project_to_shell=args.project_to_shell,
                 )
             )
         check_generator_fits(noise_generator.config, noise_spec, example_embeds, pipeline)
@@ -392,7 +395,7 @@ class NoisePPOTrainer(_BaseTrainer):
                 sample_start = time.perf_counter()
                 output = self.pipeline(
                     **self._pipeline_kwargs(self.args, self.pipeline, take_rows(sample_embeds, call)),
-                    latents=noise[call].to(self.noise_dtype),
+                    latents=pipeline_noise(noise[call], generator.config).to(self.noise_dtype),
                     generator=self._rollout_generator(salt=2 + start),
                 )
                 images.append(images_in_unit_range(self.pipeline, output.images.float()))

@@ -148,6 +148,12 @@ class ShapesAlignmentReward:
     ):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
+        missing = [name for name in ("config.json", "model.safetensors") if not (Path(weights_path) / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{weights_path} holds no {' or '.join(missing)}: pass a folder written by "
+                "`python -m trl_noise_ppo.shapes.train_reward --output_dir <folder>`."
+            )
         self.weights_path = weights_path
         self.device = device
         self.aggregation = aggregation
