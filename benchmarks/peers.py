@@ -450,6 +450,7 @@ def main(args: PeersArguments):
             curves[steps]["Noise PPO"] = {0: curves[steps]["base"], checkpoints[-1]: curve_score(noise_ppo_images)}
             for queries, images in curve_images.items():
                 curves[steps]["Noise PPO"][queries] = curve_score(images)
+        save()  # the step's curves, which come after its rows
 
     if args.cost:
         path = sd15_pipeline(Path(args.sd15_path))
