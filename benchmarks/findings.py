@@ -59,9 +59,8 @@ VARIANTS = {
     # PPO on the summed log-ratio over the noise's D dimensions with clip range 0.2: its gradient is D times the mean
     # form's with the clip range divided by D; under Adam, which normalises the gradient's scale, that is the mean form
     # with epsilon and beta divided by D (256 for the bundled model)
-    "sum_log_ratio": {"epsilon": 0.2 / 256, "beta": 0.01 / 256},
+    "sum_log_ratio": lambda noise_dims: {"epsilon": 0.2 / noise_dims, "beta": 0.01 / noise_dims},
 }
-SUM_LOG_RATIO_DIMS = 256
 
 
 @dataclass
@@ -106,18 +105,17 @@ def score(pipeline, prompts, steps, guidance_scale, eps, reward, classifier, jud
     }
 
 
-def variant_overrides(variant: str) -> dict:
-    """The NoisePPOConfig overrides of a variant, or of several joined by '+'."""
+def variant_overrides(variant: str, noise_dims: int) -> dict:
+    """The NoisePPOConfig overrides of a variant, or of several joined by '+', for noise of `noise_dims` elements."""
     overrides = {}
     for name in variant.split("+"):
         if name not in VARIANTS:
             raise ValueError(f"Unknown variant {name!r} in {variant!r}; choose from {', '.join(VARIANTS)}, joined by '+'.")
-        overrides.update(VARIANTS[name])
+        overrides.update(VARIANTS[name](noise_dims) if callable(VARIANTS[name]) else VARIANTS[name])
     return overrides
 
 
 def main(args: FindingsArguments):
-    overrides = {variant: variant_overrides(variant) for variant in args.variants}
     if args.guidance_scales is None:
         guidance_scales = {steps: RECOMMENDED_GUIDANCE_SCALES[steps] for steps in args.steps}
     elif len(args.guidance_scales) == len(args.steps):
@@ -128,8 +126,7 @@ def main(args: FindingsArguments):
     reward_funcs = [reward] + [ShapesAlignmentReward(path, aggregation=args.reward_aggregation) for path in args.extra_reward_paths]
     pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_path)
     noise_dims = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
-    if any("sum_log_ratio" in variant for variant in args.variants) and noise_dims != SUM_LOG_RATIO_DIMS:
-        raise ValueError(f"sum_log_ratio is set for noise of {SUM_LOG_RATIO_DIMS} dimensions; this pipeline's has {noise_dims}.")
+    overrides = {variant: variant_overrides(variant, noise_dims) for variant in args.variants}
     os.makedirs(args.output_dir, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     train_dataset = Dataset.from_dict({"prompt": balanced_prompts("training", args.num_training_prompts)})
