@@ -3,8 +3,10 @@ import torch
 from diffusers import (
     DDIMPipeline,
     DDIMScheduler,
+    ErnieImagePipeline,
     FluxPipeline,
     HunyuanDiTPipeline,
+    Kandinsky3Pipeline,
     StableDiffusionImg2ImgPipeline,
     UNet2DModel,
 )
@@ -60,11 +62,17 @@ def test_encode_prompts_reads_the_family_embeddings(sd):
 def test_encode_prompt_calls_are_read_from_the_source():
     # HunyuanDiT encodes twice, with a constant naming the text encoder; the outputs keep the names __call__ gives them
     sites = encode_prompt_call_sites(HunyuanDiTPipeline)
-    assert sites[1] == (
-        ("prompt_embeds_2", "negative_prompt_embeds_2", "prompt_attention_mask_2", "negative_prompt_attention_mask_2"),
-        {"max_sequence_length": 256, "text_encoder_index": 1},
+    assert sites[1].names == (
+        "prompt_embeds_2", "negative_prompt_embeds_2", "prompt_attention_mask_2", "negative_prompt_attention_mask_2"
     )
-    assert encode_prompt_call_sites(FluxPipeline)[0][0] == ("prompt_embeds", "pooled_prompt_embeds", "text_ids")
+    assert sites[1].constants == {"max_sequence_length": 256, "text_encoder_index": 1}
+    # Flux's true CFG encodes the negative prompt in a call of its own, passing it as the variable it is
+    flux_sites = encode_prompt_call_sites(FluxPipeline)
+    assert flux_sites[0].names == ("prompt_embeds", "pooled_prompt_embeds", "text_ids")
+    assert flux_sites[1].variables["prompt"] == "negative_prompt"
+    # Kandinsky 3 passes a flag set earlier in __call__; ERNIE-Image's output takes the name of the argument it replaces
+    assert encode_prompt_call_sites(Kandinsky3Pipeline)[0].variables["_cut_context"] == "cut_context"
+    assert [site.names for site in encode_prompt_call_sites(ErnieImagePipeline)] == [("prompt_embeds",), ("negative_prompt_embeds",)]
 
 
 def test_generator_inputs_pads_lists_and_reads_any_mask():

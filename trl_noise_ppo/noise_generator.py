@@ -16,10 +16,13 @@ class NoiseGeneratorConfig(PreTrainedConfig):
     Args:
         noise_shape (`list[int]`):
             Shape of one sample of the pipeline's initial noise, without the batch axis: `[channels, height, width]`
-            in latent pixels (for example `[4, 64, 64]` for Stable Diffusion 1.5 at 512 px), or `[patches, features]`
-            for packed noise (Flux, Qwen-Image).
+            in latent pixels (for example `[4, 64, 64]` for Stable Diffusion 1.5 at 512 px), `[patches, features]`
+            for packed noise (Flux, Qwen-Image), or any layout of an image's channels, rows and columns with axes of
+            size 1 besides (a frame axis: `[16, 1, 96, 96]` for Cosmos 2, `[1, 128, 128, 16]` for Kandinsky 5).
         token_grid (`list[int]`, *optional*):
             For packed noise only: the `[rows, columns]` of patches that its sequence flattens row by row.
+        image_axes (`list[int]`, *optional*):
+            For noise of more than three axes only: the axes of `noise_shape` that hold its channels, rows and columns.
         prompt_embeds_dim (`int` or `None`):
             Width of the pipeline's per-token prompt embeddings the generator reads, or `None` if it reads none.
         pooled_prompt_embeds_dim (`int` or `None`):
@@ -57,6 +60,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self,
         noise_shape: list[int] | None = None,
         token_grid: list[int] | None = None,
+        image_axes: list[int] | None = None,
         prompt_embeds_dim: int | None = None,
         pooled_prompt_embeds_dim: int | None = None,
         base_pipeline: str | None = None,
@@ -71,6 +75,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
     ):
         self.noise_shape = list(noise_shape) if noise_shape is not None else None
         self.token_grid = list(token_grid) if token_grid is not None else None
+        self.image_axes = list(image_axes) if image_axes is not None else None
         self.prompt_embeds_dim = prompt_embeds_dim
         self.pooled_prompt_embeds_dim = pooled_prompt_embeds_dim
         self.base_pipeline = base_pipeline
@@ -187,12 +192,21 @@ class NoiseGenerator(PreTrainedModel):
 
     def __init__(self, config: NoiseGeneratorConfig):
         super().__init__(config)
-        image_noise = config.noise_shape is not None and len(config.noise_shape) == 3
-        packed_noise = config.noise_shape is not None and len(config.noise_shape) == 2 and config.token_grid is not None
-        if not (image_noise or packed_noise):
+        shape, axes = config.noise_shape, config.image_axes
+        image_noise = shape is not None and len(shape) == 3 and axes is None
+        packed_noise = shape is not None and len(shape) == 2 and config.token_grid is not None
+        laid_out_noise = (
+            shape is not None
+            and axes is not None
+            and sorted(axes) == sorted(set(axes)) and len(axes) == 3
+            and all(0 <= axis < len(shape) for axis in axes)
+            and all(size == 1 for axis, size in enumerate(shape) if axis not in axes)
+        )
+        if not (image_noise or packed_noise or laid_out_noise):
             raise ValueError(
-                "NoiseGeneratorConfig.noise_shape must be [channels, height, width], or [patches, features] with "
-                f"token_grid=[rows, columns]; got noise_shape={config.noise_shape}, token_grid={config.token_grid}."
+                "NoiseGeneratorConfig.noise_shape must be [channels, height, width], [patches, features] with "
+                "token_grid=[rows, columns], or any shape with image_axes=[channels axis, rows axis, columns axis] and "
+                f"its other axes of size 1; got noise_shape={shape}, token_grid={config.token_grid}, image_axes={axes}."
             )
         if config.architecture not in GRID_ENCODERS:
             raise ValueError(f"Unknown architecture {config.architecture!r}; choose one of {sorted(GRID_ENCODERS)}.")
@@ -222,6 +236,8 @@ class NoiseGenerator(PreTrainedModel):
 
     def _image_shape(self) -> tuple[int, int, int]:
         """The noise as an image: packed noise's features are its channels, its patch grid its pixels."""
+        if self.config.image_axes is not None:
+            return tuple(self.config.noise_shape[axis] for axis in self.config.image_axes)
         if len(self.config.noise_shape) == 3:
             return tuple(self.config.noise_shape)
         return (self.config.noise_shape[1], *self.config.token_grid)
@@ -256,7 +272,13 @@ class NoiseGenerator(PreTrainedModel):
             mu, log_sigma = out.split(channels, dim=1)
         else:
             mu, log_sigma = out, torch.zeros_like(out)
-        if len(self.config.noise_shape) == 2:
+        if self.config.image_axes is not None:
+            # channels, rows and columns in the order of their axes, then the axes of size 1 in between
+            order = sorted(range(3), key=lambda i: self.config.image_axes[i])
+            mu, log_sigma = (
+                x.permute(0, *[1 + i for i in order]).reshape(-1, *self.config.noise_shape) for x in (mu, log_sigma)
+            )
+        elif len(self.config.noise_shape) == 2:
             # patches in row-major order, as the pipelines pack them
             mu, log_sigma = (x.flatten(2).transpose(1, 2) for x in (mu, log_sigma))
         return mu, log_sigma

@@ -20,6 +20,7 @@ import re
 import textwrap
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from diffusers import DiffusionPipeline
@@ -79,13 +80,16 @@ class NoiseSpec:
     """
     The initial noise a pipeline takes as `latents`: the shape of one sample (no batch axis), its dtype and device.
     Packed noise (Flux, Qwen-Image: one row of features per image patch) also has `token_grid`, the (rows, columns)
-    of patches its sequence flattens, so that a generator can still work on it as an image.
+    of patches its sequence flattens, so that a generator can still work on it as an image. Noise of more than three
+    axes (a frame axis: Cosmos 2's `(channels, 1, rows, columns)`, Kandinsky 5's `(1, rows, columns, channels)`) has
+    `image_axes`, the axes of its channels, rows and columns; its other axes have size 1.
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
     token_grid: tuple[int, int] | None = None
+    image_axes: tuple[int, int, int] | None = None
 
 
 class _LatentsPrepared(Exception):
@@ -179,8 +183,9 @@ def _run_to_prepare_latents(pipeline: DiffusionPipeline, call_kwargs: dict) -> _
     )
 
 
-def _prepare_given(pipeline: DiffusionPipeline, arguments: dict, latents: torch.Tensor) -> torch.Tensor:
-    # what the pipeline makes of `latents` given by the caller; a throwaway generator keeps the caller's untouched
+def _prepare(pipeline: DiffusionPipeline, arguments: dict, latents: torch.Tensor | None) -> torch.Tensor:
+    # what the pipeline makes of `latents` given by the caller (or draws, if None); a throwaway generator keeps the
+    # caller's untouched
     throwaway = torch.Generator(device=torch.device(arguments.get("device") or "cpu")).manual_seed(0)
     generator = arguments.get("generator")
     if isinstance(generator, list):
@@ -189,6 +194,23 @@ def _prepare_given(pipeline: DiffusionPipeline, arguments: dict, latents: torch.
     if "generator" in arguments:
         arguments["generator"] = throwaway
     return _first(type(pipeline).prepare_latents(**arguments))
+
+
+def _image_axes(pipeline: DiffusionPipeline, stop: _LatentsPrepared) -> tuple[int, int, int] | None:
+    # the axes that grow when prepare_latents is asked for an image twice as high, then twice as wide, are the rows
+    # and columns; the one other axis longer than 1 holds the channels
+    shape = stop.latents.shape[1:]
+    grown = []
+    for side in ("height", "width"):
+        try:
+            larger = _prepare(pipeline, {**stop.arguments, side: stop.arguments[side] * 2}, None).shape[1:]
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return None
+        grown += [axis for axis in range(len(shape)) if larger[axis] != shape[axis]]
+    channels = [axis for axis in range(len(shape)) if axis not in grown and shape[axis] > 1]
+    if len(grown) != 2 or len(set(grown)) != 2 or len(channels) != 1:
+        return None
+    return (channels[0], *grown)
 
 
 def _noise_spec(pipeline: DiffusionPipeline, stop: _LatentsPrepared) -> NoiseSpec:
@@ -204,19 +226,22 @@ def _noise_spec(pipeline: DiffusionPipeline, stop: _LatentsPrepared) -> NoiseSpe
             NoiseSpec((patches, features), prepared.dtype, prepared.device, token_grid=grid),
             NoiseSpec((features, *grid), prepared.dtype, prepared.device),
         ]
+    elif prepared.ndim != 4:
+        candidates = [NoiseSpec(tuple(prepared.shape[1:]), prepared.dtype, prepared.device, image_axes=axes)
+                      for axes in [_image_axes(pipeline, stop)] if axes]
     for spec in candidates:
-        if len(spec.shape) == 3 or spec.token_grid is not None:
-            given = torch.zeros(prepared.shape[0], *spec.shape, dtype=spec.dtype, device=spec.device)
-            try:
-                accepted = _prepare_given(pipeline, arguments, given)
-            except (RuntimeError, ValueError, TypeError):
-                continue
-            if accepted.shape == prepared.shape:
-                return spec
+        given = torch.zeros(prepared.shape[0], *spec.shape, dtype=spec.dtype, device=spec.device)
+        try:
+            accepted = _prepare(pipeline, arguments, given)
+        except (RuntimeError, ValueError, TypeError):
+            continue
+        if accepted.shape == prepared.shape:
+            return spec
     raise ValueError(
         f"{type(pipeline).__name__} prepares noise of shape {list(prepared.shape)} and accepts none of the layouts "
         "Noise PPO knows as `latents` (image noise (batch, channels, height, width), packed noise (batch, patches, "
-        "features)). Please open an issue with the pipeline class."
+        "features), image noise with axes of size 1 besides (a frame axis)). Please open an issue with the pipeline "
+        "class."
     )
 
 
@@ -243,7 +268,7 @@ def draw_noise(pipeline: DiffusionPipeline, call_kwargs: dict) -> tuple[NoiseSpe
     # init_noise_sigma, so not this one) is eps when the pipeline, given it, prepares the same noise.
     for candidate in [*stop.draws, stop.latents]:
         if tuple(candidate.shape) == (stop.latents.shape[0], *spec.shape):
-            if torch.equal(_prepare_given(pipeline, stop.arguments, candidate), stop.latents):
+            if torch.equal(_prepare(pipeline, stop.arguments, candidate), stop.latents):
                 return spec, candidate.to(spec.dtype)
     raise ValueError(
         f"{type(pipeline).__name__}.prepare_latents draws its noise in a way Noise PPO cannot reproduce as `latents`, "
@@ -252,19 +277,59 @@ def draw_noise(pipeline: DiffusionPipeline, call_kwargs: dict) -> tuple[NoiseSpe
     )
 
 
+class EncodePromptCall(NamedTuple):
+    """One `self.encode_prompt(...)` call in a pipeline's `__call__`, read from its source."""
+
+    names: tuple[str | None, ...]  # the variables the outputs are assigned to (None: not a name)
+    constants: dict  # `encode_prompt` argument -> the literal passed (HunyuanDiT: `text_encoder_index=1`)
+    variables: dict  # `encode_prompt` argument -> the variable of `__call__` passed (`prompt=negative_prompt`)
+    line: int  # where the call is in `__call__`'s source
+
+
 @functools.cache
-def encode_prompt_call_sites(pipeline_class: type) -> tuple[tuple[tuple[str, ...], dict], ...]:
+def _call_source(pipeline_class: type) -> ast.FunctionDef | None:
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(pipeline_class.__call__))).body[0]
+    except (OSError, TypeError):
+        return None
+
+
+def _unset_embeddings_argument(node: ast.AST, parents: dict, parameters: set[str]) -> str | None:
+    # the argument of `__call__` an encode_prompt call stands in for, where the call runs only when that argument is
+    # None: `if prompt_embeds is not None: text_hiddens = ... else: text_hiddens = self.encode_prompt(...)` (ERNIE-Image)
+    while node in parents:
+        node, child = parents[node], node
+        test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+        if (
+            isinstance(test, ast.Compare)
+            and isinstance(test.left, ast.Name)
+            and test.left.id in parameters
+            and isinstance(test.ops[0], ast.Is | ast.IsNot)
+            and isinstance(test.comparators[0], ast.Constant)
+            and test.comparators[0].value is None
+        ):
+            unset_branch = node.body if isinstance(test.ops[0], ast.Is) else node.orelse
+            return test.left.id if child in unset_branch else None
+    return None
+
+
+@functools.cache
+def encode_prompt_call_sites(pipeline_class: type) -> tuple[EncodePromptCall, ...]:
     """
     How `pipeline_class.__call__` calls `self.encode_prompt`, read from its source: for each call, the names it assigns
-    the outputs to (`prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(...)`) and the constant keyword
-    arguments it passes (HunyuanDiT: `text_encoder_index=1, max_sequence_length=256` for its second text encoder).
+    the outputs to (`prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(...)`; a single output assigned
+    to a name of its own, where the call runs only without the `prompt_embeds` argument, gets that argument's name),
+    the literals it passes (HunyuanDiT: `text_encoder_index=1, max_sequence_length=256` for its second text encoder)
+    and the variables it passes (Flux's true CFG: `prompt=negative_prompt`; Kandinsky 3: `_cut_context=cut_context`).
     """
-    try:
-        source = textwrap.dedent(inspect.getsource(pipeline_class.__call__))
-    except (OSError, TypeError):
+    function = _call_source(pipeline_class)
+    if function is None:
         return ()
+    parameters = set(inspect.signature(pipeline_class.__call__).parameters)
+    encode_parameters = list(inspect.signature(pipeline_class.encode_prompt).parameters)[1:]  # without self
+    parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
     sites = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(function):
         if (
             isinstance(node, ast.Assign)
             and isinstance(node.value, ast.Call)
@@ -273,66 +338,139 @@ def encode_prompt_call_sites(pipeline_class: type) -> tuple[tuple[tuple[str, ...
         ):
             target = node.targets[0]
             elements = target.elts if isinstance(target, ast.Tuple) else [target]
-            names = tuple(element.id if isinstance(element, ast.Name) else "_" for element in elements)
-            constants = {k.arg: k.value.value for k in node.value.keywords if k.arg and isinstance(k.value, ast.Constant)}
-            sites.append((names, constants))
-    return tuple(sites)
+            names = tuple(element.id if isinstance(element, ast.Name) else None for element in elements)
+            if len(names) == 1 and names[0] not in parameters:
+                names = (_unset_embeddings_argument(node, parents, parameters) or names[0],)
+            arguments = {**dict(zip(encode_parameters, node.value.args)), **{k.arg: k.value for k in node.value.keywords}}
+            constants = {name: value.value for name, value in arguments.items() if isinstance(value, ast.Constant)}
+            variables = {name: value.id for name, value in arguments.items() if isinstance(value, ast.Name)}
+            sites.append(EncodePromptCall(names, constants, variables, node.lineno))
+    return tuple(sorted(sites, key=lambda site: site.line))
 
 
-def _encode_prompt_kwargs(pipeline: DiffusionPipeline, prompts: list[str], call_kwargs: dict, constants: dict) -> dict:
-    # Arguments `encode_prompt` shares with `__call__` take the call's value, else `__call__`'s default, so that the
-    # embeddings are those the pipeline would compute for itself; constants of the call site come next; the prompts
-    # win, with the negative prompts' embeddings too (unused by the pipeline where guidance is off, but some refuse
-    # `prompt_embeds` without them where it is on).
-    call_defaults = {
-        name: param.default
-        for name, param in inspect.signature(pipeline.__call__).parameters.items()
-        if param.default is not param.empty
-    }
-    fixed = {
-        "prompt": prompts,
-        "device": pipeline._execution_device,
-        "num_images_per_prompt": 1,
-        "do_classifier_free_guidance": True,
-    }
+_PURE_BUILTINS = {f.__name__: f for f in (len, isinstance, str, list, tuple, int, float, bool, min, max)}
+
+
+def _evaluate(expression: ast.expr, values: dict):
+    return eval(compile(ast.Expression(expression), "<__call__>", "eval"), {"__builtins__": _PURE_BUILTINS}, dict(values))
+
+
+def _run_assignments(statements: list[ast.stmt], line: int, values: dict, wanted: set[str], arguments: set[str]) -> None:
+    # Runs, on `values`, the assignments to `wanted` names that `__call__` makes before `line`, in the branches its
+    # `if` tests choose, as far as they can be evaluated from the call's values alone (never from the pipeline's state:
+    # no `self`). A local whose assignment cannot be evaluated is unknown from there on; an argument keeps the call's value.
+    for statement in statements:
+        if statement.lineno > line:
+            return
+        if statement.end_lineno >= line:  # the call is inside this statement: follow it in
+            for block in (getattr(statement, "body", []), getattr(statement, "orelse", [])):
+                if block and block[0].lineno <= line <= block[-1].end_lineno:
+                    _run_assignments(block, line, values, wanted, arguments)
+            return
+        if isinstance(statement, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id in wanted:
+                    try:
+                        values[target.id] = _evaluate(statement.value, values)
+                        if isinstance(statement, ast.AugAssign):
+                            raise TypeError
+                    except Exception:
+                        if target.id not in arguments:
+                            values.pop(target.id, None)
+        elif isinstance(statement, ast.If):
+            try:
+                branch = statement.body if _evaluate(statement.test, values) else statement.orelse
+            except Exception:
+                continue
+            _run_assignments(branch, line, values, wanted, arguments)
+
+
+def _call_values(pipeline: DiffusionPipeline, prompts: list[str], call_kwargs: dict) -> dict:
+    # `__call__`'s arguments in this call (given, else its defaults), with `prompts` as the prompt and the other
+    # prompts (`prompt_2`, `negative_prompt`) one per prompt: some refuse a string beside a list
+    values = {}
+    for name, param in inspect.signature(pipeline.__call__).parameters.items():
+        if name not in call_kwargs and param.default is param.empty:
+            continue
+        value = call_kwargs.get(name, param.default)
+        if ENCODED_PROMPT_ARGUMENT.fullmatch(name) and isinstance(value, str):
+            value = [value] * len(prompts)
+        values[name] = value
+    return {**values, "prompt": prompts}
+
+
+def _site_values(pipeline: DiffusionPipeline, site: EncodePromptCall, values: dict) -> dict:
+    """The value of each variable `site` passes, as `__call__` sets it before the call from the call's own values
+    (`cut_context = True`; `batch_size = len(prompt)`); unknown variables are left out."""
+    function = _call_source(type(pipeline))
+    wanted = set(site.variables.values())
+    # and the variables those are computed from
+    assignments = [
+        node for node in ast.walk(function) if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign) and node.value
+    ]
+    while True:
+        more = {
+            name.id
+            for node in assignments
+            if any(isinstance(t, ast.Name) and t.id in wanted for t in getattr(node, "targets", [getattr(node, "target", None)]))
+            for name in ast.walk(node.value)
+            if isinstance(name, ast.Name)
+        } - wanted
+        if not more:
+            break
+        wanted |= more
+    local = dict(values)
+    _run_assignments(function.body, site.line, local, wanted, set(values))
+    return {argument: local[variable] for argument, variable in site.variables.items() if variable in local}
+
+
+def _encode_prompt_kwargs(pipeline: DiffusionPipeline, site: EncodePromptCall, values: dict, call_kwargs: dict) -> dict:
+    # Each argument as the call site passes it: a literal, or a variable of `__call__` as this call sets it; otherwise
+    # the call's argument of the same name, else `__call__`'s default, so that the embeddings are those the pipeline
+    # would compute for itself. One image per prompt, on the pipeline's device, and the negative prompts' embeddings
+    # too (unused by the pipeline where guidance is off, but some refuse `prompt_embeds` without them where it is on).
+    fixed = {"device": pipeline._execution_device, "num_images_per_prompt": 1, "do_classifier_free_guidance": True}
+    passed = {**_site_values(pipeline, site, values), **site.constants}
     kwargs = {}
     for name, param in inspect.signature(pipeline.encode_prompt).parameters.items():
         if name in fixed:
             kwargs[name] = fixed[name]
-        elif name in constants:
-            kwargs[name] = constants[name]
-        elif name in call_kwargs:
-            kwargs[name] = call_kwargs[name]
-            if ENCODED_PROMPT_ARGUMENT.fullmatch(name) and isinstance(kwargs[name], str):
-                kwargs[name] = [kwargs[name]] * len(prompts)  # one per prompt: some refuse a string beside a list
-        elif name in call_defaults and "embeds" not in name and not name.startswith("negative"):
-            kwargs[name] = call_defaults[name]
+        elif name in passed:
+            kwargs[name] = passed[name]
+        elif name == "prompt" and name not in site.variables:
+            kwargs[name] = values[name]
+        elif name in values and (name in call_kwargs or "embeds" not in name and not name.startswith("negative")):
+            kwargs[name] = values[name]
         elif param.default is param.empty:
             kwargs[name] = None
     return kwargs
 
 
-def _conditioning_names(pipeline: DiffusionPipeline) -> list[tuple[tuple[str, ...], dict]]:
-    """The `encode_prompt` calls whose outputs `__call__` also takes as arguments, with the names to keep; one nameless
-    call (a pipeline whose source cannot be read) if none."""
+def _conditioning_sites(pipeline: DiffusionPipeline) -> list[EncodePromptCall]:
+    """The `encode_prompt` calls whose outputs `__call__` also takes as arguments, with the names to keep (None for the
+    others); one nameless call (a pipeline whose source cannot be read) if none."""
     parameters = call_parameters(pipeline)
     sites = []
-    for names, constants in encode_prompt_call_sites(type(pipeline)):
-        kept = tuple(name if name in parameters else None for name in names)
-        # a call that encodes only the negative prompts (Flux's true CFG) is left to the pipeline
-        if any(name and not name.startswith("negative") for name in kept):
-            sites.append((kept, constants))
-    return sites or [((), {})]
+    for site in encode_prompt_call_sites(type(pipeline)):
+        kept = tuple(name if name in parameters else None for name in site.names)
+        if any(kept):
+            sites.append(site._replace(names=kept))
+    return sites or [EncodePromptCall((), {}, {}, 0)]
 
 
 @torch.no_grad()
 def _encode(pipeline: DiffusionPipeline, prompts: list[str], call_kwargs: dict) -> dict:
+    values = _call_values(pipeline, prompts, call_kwargs)
     encoded = {}
-    for names, constants in _conditioning_names(pipeline):
-        outputs = pipeline.encode_prompt(**_encode_prompt_kwargs(pipeline, prompts, call_kwargs, constants))
+    for site in _conditioning_sites(pipeline):
+        kwargs = _encode_prompt_kwargs(pipeline, site, values, call_kwargs)
+        if "prompt" in kwargs and kwargs["prompt"] is None:
+            continue  # a call of its own for a negative prompt this call does not give (Flux's true CFG): none to encode
+        outputs = pipeline.encode_prompt(**kwargs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        if names:
-            encoded.update({name: value for name, value in zip(names, outputs) if name and value is not None})
+        if site.names:
+            encoded.update({name: value for name, value in zip(site.names, outputs) if name and value is not None})
         else:
             encoded.update(_sort_unnamed_outputs(pipeline, outputs, len(prompts)))
     return encoded
@@ -391,6 +529,13 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
             f"{type(pipeline).__name__}.encode_prompt returned no prompt embeddings; Noise PPO conditions its "
             "generator on them. Please open an issue with the pipeline class."
         )
+    negative = [name for name in call_kwargs if name.startswith("negative") and ENCODED_PROMPT_ARGUMENT.fullmatch(name)]
+    if any(call_kwargs[name] is not None for name in negative) and not any(name.startswith("negative") for name in encoded):
+        raise ValueError(
+            f"{type(pipeline).__name__} does not return the embeddings of `{negative[0]}` under an argument of its "
+            f"`__call__`, so Noise PPO cannot pass it on; call without `{negative[0]}`, and please open an issue with "
+            "the pipeline class."
+        )
     for name, axis in _batch_axes(pipeline, prompts[0], call_kwargs).items():
         encoded[name] = encoded[name].movedim(axis, 0)
     return encoded
@@ -431,7 +576,8 @@ def check_generator_fits(config: NoiseGeneratorConfig, noise_spec: NoiseSpec, em
     """Raises a `ValueError` if a generator with `config` cannot drive `pipeline`'s noise and read its prompt embeddings."""
     problems = []
     grid = tuple(config.token_grid) if config.token_grid else None
-    if tuple(config.noise_shape) != noise_spec.shape or grid != noise_spec.token_grid:
+    axes = tuple(config.image_axes) if getattr(config, "image_axes", None) else None
+    if tuple(config.noise_shape) != noise_spec.shape or (grid, axes) != (noise_spec.token_grid, noise_spec.image_axes):
         problems.append(
             f"it makes noise of shape {list(config.noise_shape)} per image, but the pipeline takes {list(noise_spec.shape)} "
             "at this resolution (use the height and width the generator was trained at)"
@@ -525,6 +671,7 @@ def generator_config_for(
     return NoiseGeneratorConfig(
         noise_shape=list(noise_spec.shape),
         token_grid=list(noise_spec.token_grid) if noise_spec.token_grid else None,
+        image_axes=list(noise_spec.image_axes) if noise_spec.image_axes else None,
         prompt_embeds_dim=None if inputs["prompt_embeds"] is None else inputs["prompt_embeds"].shape[-1],
         pooled_prompt_embeds_dim=None if inputs["pooled_prompt_embeds"] is None else inputs["pooled_prompt_embeds"].shape[-1],
         base_pipeline=str(pipeline.name_or_path) if pipeline.name_or_path else None,
