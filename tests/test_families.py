@@ -41,7 +41,7 @@ from trl_noise_ppo.noise_injection import (
 TEXT_FAMILIES = ["sd", "sd_vpred", "sdxl", "lcm", "sd3", "flux", "flux2", "flux2_klein", "pixart_sigma", "sana",
                  "qwenimage", "auraflow", "lumina2", "cogview4", "pixart_alpha", "sd_pag", "sdxl_pag", "pixart_sigma_pag",
                  "flux_kontext", "bria", "chroma", "hunyuandit", "hidream", "zimage", "sana_sprint", "cogview3plus",
-                 "lumina", "kolors"]
+                 "lumina", "kolors", "hunyuanimage", "kandinsky3", "cosmos2"]
 POOLED_FAMILIES = {"sdxl", "sd3", "flux", "sdxl_pag", "flux_kontext", "hidream", "kolors"}
 PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square on the left"]})
 

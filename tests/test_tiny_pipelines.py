@@ -167,7 +167,7 @@ def test_raw_pt_output_quirk(name):
     """Documents the quirk: "pt" output is unscaled, "np" output is (x / 2 + 0.5).clamp(0, 1)."""
     pipe = _pipe(name)
     height, width = DEFAULT_SIZE[name]
-    common = dict(PROMPT_CALL_KWARGS.get(name, {}))
+    common = dict(PROMPT_CALL_KWARGS.get(name, {}), **({"prompt": PROMPT} if name in TEXT_PROMPT_FAMILIES else {}))
     common.update(height=height, width=width, num_inference_steps=STEPS)
     raw = pipe(**common, output_type="pt", generator=torch.Generator("cpu").manual_seed(0)).images
     arr = pipe(**common, output_type="np", generator=torch.Generator("cpu").manual_seed(0)).images

@@ -140,7 +140,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from diffusers import DiffusionPipeline  # noqa: E402
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin  # noqa: E402
 
 __all__ = [
     "FAMILIES",
@@ -1739,6 +1739,197 @@ def build_kolors() -> DiffusionPipeline:
     return _finish(pipe)
 
 
+# --------------------------------------------------------------------------------------------
+# Families added for issue 24: pipelines that pass variables to encode_prompt, encode negative
+# prompts in a call of their own, or take noise with a frame axis
+# --------------------------------------------------------------------------------------------
+
+
+def _qwen25_vl_encoder(hidden_size: int = 16):
+    """A tiny Qwen2.5-VL (the text encoder of Qwen-Image, HunyuanImage 2.1, Kandinsky 5, ...) over the tiny Qwen
+    tokenizer's ids."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2] if hidden_size == 16 else [2, 2, 4], "rope_type": "default",
+                             "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": 1000,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden_size},
+        hidden_size=hidden_size,
+        vocab_size=1000,
+        vision_start_token_id=5,  # the tiny Qwen tokenizer's <|vision_start|>, <|vision_end|>, <|image_pad|>
+        vision_end_token_id=6,
+        vision_token_id=7,
+        image_token_id=7,
+        video_token_id=995,
+    )
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_hunyuanimage() -> DiffusionPipeline:
+    """HunyuanImage 2.1: Qwen2.5-VL + ByT5 (glyphs), guidance by AdaptiveProjectedMixGuidance; its ``encode_prompt``
+    takes a ``batch_size`` (a variable at the call site) and encodes the negative prompt in a call of its own."""
+    from diffusers import (
+        AdaptiveProjectedMixGuidance,
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=(1, 1),
+        guidance_embeds=False,
+        text_embed_dim=32,
+        text_embed_2_dim=32,
+        rope_axes_dim=(4, 4),
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanImage(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        sample_size=128,
+    )
+    torch.manual_seed(0)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(d_model=32, d_kv=4, d_ff=16, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=32, vocab_size=384, feed_forward_proj="gated-gelu",
+                 dense_act_fn="gelu_new", is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+    )
+    pipe = HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        vae=vae,
+        text_encoder=_qwen25_vl_encoder(hidden_size=32),
+        tokenizer=_qwen_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=ByT5Tokenizer(),  # byte-level: needs no vocabulary file
+        transformer=transformer,
+        guider=AdaptiveProjectedMixGuidance(adaptive_projected_guidance_start_step=2),
+        ocr_guider=AdaptiveProjectedMixGuidance(adaptive_projected_guidance_start_step=3),
+    )
+    return _finish(pipe)
+
+
+def _movq_x8():
+    """A MoVQ with scale factor 8 (4 blocks; SpatialNorm hard-codes 32 groups: channels are multiples of 32)."""
+    from diffusers import VQModel
+
+    torch.manual_seed(0)
+    return VQModel(
+        block_out_channels=[32, 32, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+        in_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        norm_type="spatial",
+        num_vq_embeddings=12,
+        out_channels=3,
+        up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
+        vq_embed_dim=4,
+    )
+
+
+def build_kandinsky3() -> DiffusionPipeline:
+    """Kandinsky 3: T5, a MoVQ decoder (the pipeline hard-codes its scale factor 8); ``__call__`` sets ``cut_context = True`` and passes it to ``encode_prompt`` as a
+    variable (the embeddings are cut to the longest prompt)."""
+    from diffusers import DDPMScheduler, Kandinsky3Pipeline, Kandinsky3UNet
+
+    torch.manual_seed(0)
+    unet = Kandinsky3UNet(
+        in_channels=4,
+        time_embedding_dim=4,
+        groups=2,
+        attention_head_dim=4,
+        layers_per_block=3,
+        block_out_channels=(32, 64),
+        cross_attention_dim=4,
+        encoder_hid_dim=32,
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="squaredcos_cap_v2",
+                              clip_sample=True, thresholding=False)
+    pipe = Kandinsky3Pipeline(tokenizer=_t5_tokenizer(), text_encoder=_t5_encoder(d_model=32), unet=unet,
+                              scheduler=scheduler, movq=_movq_x8())
+    return _finish(pipe)
+
+
+class PassingSafetyChecker(ModelMixin, ConfigMixin):
+    """Stands in for Cosmos' guardrail (the ``cosmos_guardrail`` package, gigabytes of models): passes everything. A
+    diffusers model, so that the pipeline saves and reloads (with this module imported)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("placeholder", torch.zeros(1))  # a model needs a tensor to have a device and a file
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames):
+        return frames
+
+
+def build_cosmos2() -> DiffusionPipeline:
+    """Cosmos 2 text-to-image: T5, a Wan VAE; its noise is a one-frame 5-D latent (B, 16, 1, h, w), scaled by the
+    scheduler's ``sigma_max``."""
+    from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = CosmosTransformer3DModel(
+        in_channels=16,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        mlp_ratio=2,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(4, 32, 32),
+        patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False,  # True resizes the mask with torchvision, which the tests do not install
+        extra_pos_embed_type="learnable",
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = Cosmos2TextToImagePipeline(
+        text_encoder=_t5_encoder(d_model=32),
+        tokenizer=_t5_tokenizer(),
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+        safety_checker=PassingSafetyChecker(),
+    )
+    return _finish(pipe)
+
+
 def _control_image(size: int = 64):
     from PIL import Image
 
@@ -1782,6 +1973,9 @@ FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
     "cogview3plus": build_cogview3plus,
     "lumina": build_lumina,
     "kolors": build_kolors,
+    "hunyuanimage": build_hunyuanimage,
+    "kandinsky3": build_kandinsky3,
+    "cosmos2": build_cosmos2,
 }
 
 DEFAULT_SIZE: dict[str, tuple[int, int]] = {name: (64, 64) for name in FAMILIES}
@@ -1817,6 +2011,9 @@ EXPECTED_LATENT_SHAPE: dict[str, tuple[int, ...]] = {
     "cogview3plus": (1, 4, 8, 8),  # VAE scale factor 8
     "lumina": (1, 4, 8, 8),  # VAE scale factor 8
     "kolors": (1, 4, 32, 32),  # SDXL's VAE (scale factor 2)
+    "hunyuanimage": (1, 4, 8, 8),  # VAE scale factor 8
+    "kandinsky3": (1, 4, 8, 8),  # the pipeline hard-codes scale factor 8
+    "cosmos2": (1, 16, 1, 8, 8),  # a frame axis: (B, C, 1, h, w); Wan VAE scale factor 8
 }
 
 PROMPT_CALL_KWARGS: dict[str, dict] = {
@@ -1837,17 +2034,17 @@ TEXT_PROMPT_FAMILIES: tuple[str, ...] = tuple(n for n in FAMILIES if n != "kandi
 # Families whose output_type="pt" images are the raw decoder output in about [-1, 1], neither
 # rescaled nor clamped (KandinskyV22Pipeline rescales only for "np"/"pil"). Map with
 # (x * 0.5 + 0.5).clamp(0, 1) to compare with other families.
-RAW_PT_OUTPUT_FAMILIES: frozenset[str] = frozenset({"kandinsky22"})
+RAW_PT_OUTPUT_FAMILIES: frozenset[str] = frozenset({"kandinsky22", "kandinsky3"})
 
 # Families whose scheduler draws fresh noise inside ``scheduler.step`` (LCM with > 1 step, DDPM, SCM): a
 # fixed ``latents=`` does not fix the image unless ``generator=`` is fixed too.
-STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm", "hunyuandit", "sana_sprint"})
+STOCHASTIC_SAMPLER_FAMILIES: frozenset[str] = frozenset({"lcm", "hunyuandit", "sana_sprint", "kandinsky3"})
 
 # Families that multiply given latents by ``scheduler.init_noise_sigma`` (pass unit-variance noise,
 # never pre-scale). 1.0 for DDIM/DPM/LCM; for SDXL's Euler it is set by ``set_timesteps``
 # (about 1.91 for 2 "leading" steps). Flow-matching schedulers have no such attribute.
 INIT_NOISE_SIGMA_FAMILIES: frozenset[str] = frozenset(
-    {"sd", "sd_vpred", "sdxl", "lcm", "pixart_sigma", "kandinsky22", "kolors"}
+    {"sd", "sd_vpred", "sdxl", "lcm", "pixart_sigma", "kandinsky22", "kolors", "kandinsky3"}
 )
 
 # Families whose ``latents=`` is PACKED: the pipeline's default draws ``randn`` of this unpacked

@@ -72,7 +72,7 @@ ENCODED_PROMPT_ARGUMENT = re.compile(r"(negative_)?prompt(_\d)?")
 
 
 # Pipelines whose `output_type="pt"` images are the decoder's raw output in about [-1, 1] instead of [0, 1].
-RAW_PT_OUTPUT_PIPELINES = {"KandinskyV22Pipeline"}
+RAW_PT_OUTPUT_PIPELINES = {"KandinskyV22Pipeline", "Kandinsky3Pipeline"}
 
 
 @dataclass(frozen=True)
