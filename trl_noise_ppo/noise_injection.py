@@ -260,10 +260,21 @@ def draw_noise(pipeline: DiffusionPipeline, call_kwargs: dict) -> tuple[NoiseSpe
     The noise spec of `pipeline(**call_kwargs)` (see `discover_noise_spec`) and `eps`, the unit Gaussian noise of the
     whole batch in that layout, drawn by the pipeline's own `prepare_latents` from `call_kwargs["generator"]`: given as
     `latents`, it makes the pipeline prepare exactly the noise it would have drawn itself, so the same seed gives the
-    same image. The generator is left as the pipeline's own call would leave it, for schedulers that draw in their steps.
+    same image. The generator is left as the pipeline's own call would leave it, for schedulers that draw in their steps;
+    or, where the pipeline draws from it before its noise (Flux Control samples its control image's latents), where the
+    call found it, so that the call given `latents` draws that again.
     """
+    generator = call_kwargs.get("generator")
+    generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
+    states = [generator.get_state() for generator in generators]
     stop = _run_to_prepare_latents(pipeline, call_kwargs)
     spec = _noise_spec(pipeline, stop)
+    if generators:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
+        if not torch.equal(_first(type(pipeline).prepare_latents(**{**stop.arguments, "latents": None})), stop.latents):
+            for generator, state in zip(generators, states):
+                generator.set_state(state)
     # The noise drawn (Flux.2: before packing) or the noise prepared (Flux: packed after drawing; SD: scaled by
     # init_noise_sigma, so not this one) is eps when the pipeline, given it, prepares the same noise.
     for candidate in [*stop.draws, stop.latents]:
@@ -493,17 +504,22 @@ def _sort_unnamed_outputs(pipeline: DiffusionPipeline, outputs: tuple, batch_siz
 
 
 # Per pipeline, the axis of each `encode_prompt` output along which prompts are stacked, where it is not the first
-# (HiDream's Llama embeddings: (layers, prompts, tokens, width)).
+# (HiDream's Llama embeddings: (layers, prompts, tokens, width)), or CUMULATIVE for cumulative sequence lengths, one
+# more than prompts (Kandinsky 5's `prompt_cu_seqlens`: 0, then the running sum of each prompt's length).
 _BATCH_AXES = weakref.WeakKeyDictionary()
+CUMULATIVE = "cumulative"
 
 
-def _batch_axes(pipeline: DiffusionPipeline, prompt: str, call_kwargs: dict) -> dict[str, int]:
+def _batch_axes(pipeline: DiffusionPipeline, prompt: str, call_kwargs: dict) -> dict[str, int | str]:
     if pipeline not in _BATCH_AXES:
         # the axis that grows with the number of prompts, found once by encoding one prompt and then two
         one, two = (_encode(pipeline, [prompt] * n, call_kwargs) for n in (1, 2))
         axes = {}
         for name, value in one.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.ndim == 1 and len(value) == 2 and len(two[name]) == 3:
+                if not value.is_floating_point() and value[0] == 0:
+                    axes[name] = CUMULATIVE
+            elif isinstance(value, torch.Tensor):
                 grown = [axis for axis in range(value.ndim) if two[name].shape[axis] != value.shape[axis]]
                 if grown and grown[0] != 0:
                     axes[name] = grown[0]
@@ -520,7 +536,8 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
     Z-Image's list of variable-length embeddings, and the negative prompts' counterparts (the call's `negative_prompt`,
     else the pipeline's default). Call the pipeline `without_encoded_prompts`.
 
-    Every value has one row per prompt first (tensors are moved so; lists have one entry per prompt):
+    Every value has one row per prompt first (tensors are moved so, cumulative lengths made lengths; lists have one
+    entry per prompt):
     `pipeline_arguments` puts them back as the pipeline takes them.
     """
     encoded = _encode(pipeline, prompts, call_kwargs)
@@ -537,7 +554,8 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
             "the pipeline class."
         )
     for name, axis in _batch_axes(pipeline, prompts[0], call_kwargs).items():
-        encoded[name] = encoded[name].movedim(axis, 0)
+        if name in encoded:
+            encoded[name] = encoded[name].diff() if axis == CUMULATIVE else encoded[name].movedim(axis, 0)
     return encoded
 
 
@@ -551,11 +569,14 @@ def pipeline_arguments(pipeline: DiffusionPipeline, conditioning: dict) -> dict:
     """The conditioning (rows first, see `encode_prompts`) as `pipeline`'s `__call__` takes it, the prompts it replaces
     set to `None` (PixArt's `negative_prompt` defaults to `""`, and it refuses both a prompt and its embeddings)."""
     axes = _BATCH_AXES.get(pipeline, {})
+
+    def as_taken(name, value):
+        if axes.get(name) == CUMULATIVE:
+            return torch.cat([value.new_zeros(1), value.cumsum(0, dtype=value.dtype)])
+        return value.movedim(0, axes[name]) if name in axes else value
+
     encoded_prompts = {name: None for name in call_parameters(pipeline) if ENCODED_PROMPT_ARGUMENT.fullmatch(name)}
-    return {
-        **encoded_prompts,
-        **{name: value.movedim(0, axes[name]) if name in axes else value for name, value in conditioning.items()},
-    }
+    return {**encoded_prompts, **{name: as_taken(name, value) for name, value in conditioning.items()}}
 
 
 def repeat_rows(conditioning: dict, repeats: int) -> dict:
