@@ -398,7 +398,8 @@ class NoisePPOTrainer(_BaseTrainer):
                     latents=pipeline_noise(noise[call], generator.config).to(self.noise_dtype),
                     generator=self._rollout_generator(salt=2 + start),
                 )
-                images.append(images_in_unit_range(self.pipeline, output.images.float()))
+                # output[0]: the images, whatever the output calls them (Kandinsky 5: `image`)
+                images.append(images_in_unit_range(self.pipeline, output[0].float()))
                 sample_seconds += time.perf_counter() - sample_start
                 chunk_rewards.append(scorer.submit(score, concurrent, images[-1], call))
             images = torch.cat(images)

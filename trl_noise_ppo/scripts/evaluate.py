@@ -160,7 +160,7 @@ def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: Promp
                     generator=seeded_generators(seeds),
                     output_type="pt",
                     **call_kwargs,
-                ).images
+                )[0]  # the images, whatever the output calls them (Kandinsky 5: `image`)
                 scores = call_reward_funcs(reward_funcs, images=images.float(), prompts=[prompt] * len(images))
                 rewards[name, steps].append(scores.cpu())
                 if index < args.grid_prompts:

@@ -106,7 +106,7 @@ def main(args: GenerateArguments, model_args: ModelArguments, prompt_args: Promp
                 generator=seeded_generators(seeds),
                 output_type="pil",
                 **call_kwargs,
-            ).images
+            )[0]  # the images, whatever the output calls them (Kandinsky 5: `image`)
             for number, (image, seed) in enumerate(zip(images, seeds, strict=True)):
                 path = output_dir / f"{index:05d}_{number:02d}.png"
                 image.save(path)
