@@ -41,8 +41,10 @@ from trl_noise_ppo.noise_injection import (
 TEXT_FAMILIES = ["sd", "sd_vpred", "sdxl", "lcm", "sd3", "flux", "flux2", "flux2_klein", "pixart_sigma", "sana",
                  "qwenimage", "auraflow", "lumina2", "cogview4", "pixart_alpha", "sd_pag", "sdxl_pag", "pixart_sigma_pag",
                  "flux_kontext", "bria", "chroma", "hunyuandit", "hidream", "zimage", "sana_sprint", "cogview3plus",
-                 "lumina", "kolors", "hunyuanimage", "kandinsky3", "cosmos2"]
-POOLED_FAMILIES = {"sdxl", "sd3", "flux", "sdxl_pag", "flux_kontext", "hidream", "kolors"}
+                 "lumina", "kolors", "hunyuanimage", "kandinsky3", "cosmos2", "sd3_pag", "sd3_controlnet",
+                 "flux_controlnet", "flux_control", "kandinsky5"]
+POOLED_FAMILIES = {"sdxl", "sd3", "flux", "sdxl_pag", "flux_kontext", "hidream", "kolors", "sd3_pag", "sd3_controlnet",
+                   "flux_controlnet", "flux_control", "kandinsky5"}
 PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square on the left"]})
 
 
@@ -99,18 +101,18 @@ def test_train_save_load_and_infer(family, tmp_path):
     untrained = NoisePPOPipeline(pipe, NoiseGenerator(config))
     call = {"num_inference_steps": 2, "output_type": "pt", **call_kwargs(family)}
     seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    base = pipe(prompt="a red circle", generator=seeded(), **call).images
-    assert torch.equal(untrained(prompt="a red circle", generator=seeded(), **call).images, base)
+    base = pipe(prompt="a red circle", generator=seeded(), **call)[0]
+    assert torch.equal(untrained(prompt="a red circle", generator=seeded(), **call)[0], base)
     eps = torch.randn(1, *EXPECTED_LATENT_SHAPE[family][1:], generator=torch.Generator().manual_seed(0))
-    base = pipe(prompt="a red circle", latents=eps, generator=seeded(), **call).images
-    assert torch.equal(untrained(prompt="a red circle", latents=eps, generator=seeded(), **call).images, base)
+    base = pipe(prompt="a red circle", latents=eps, generator=seeded(), **call)[0]
+    assert torch.equal(untrained(prompt="a red circle", latents=eps, generator=seeded(), **call)[0], base)
 
     # the saved generator, reloaded, is deterministic for a seed and differs from the base pipeline
     tuned = NoisePPOPipeline(pipe, NoiseGenerator.from_pretrained(trainer.args.output_dir))
-    assert not torch.equal(tuned(prompt="a red circle", latents=eps, generator=seeded(), **call).images, base)
-    first, second = (tuned(prompt="a red circle", generator=seeded(), **call).images for _ in range(2))
+    assert not torch.equal(tuned(prompt="a red circle", latents=eps, generator=seeded(), **call)[0], base)
+    first, second = (tuned(prompt="a red circle", generator=seeded(), **call)[0] for _ in range(2))
     assert torch.equal(first, second)
-    images = tuned(prompt=["a red circle", "a cat"], num_images_per_prompt=2, generator=seeded(), **call).images
+    images = tuned(prompt=["a red circle", "a cat"], num_images_per_prompt=2, generator=seeded(), **call)[0]
     assert images.shape == (4, *base.shape[1:]) and torch.isfinite(images).all()
 
 

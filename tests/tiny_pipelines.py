@@ -152,6 +152,7 @@ __all__ = [
     "RAW_PT_OUTPUT_FAMILIES",
     "STOCHASTIC_SAMPLER_FAMILIES",
     "INIT_NOISE_SIGMA_FAMILIES",
+    "PRE_NOISE_DRAW_FAMILIES",
     "UNPACKED_NOISE_SHAPE",
     "BINNED_GENERATION_SIZE",
 ]
@@ -1837,6 +1838,17 @@ def build_hunyuanimage() -> DiffusionPipeline:
     return _finish(pipe)
 
 
+def _unzeroed(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its zero-initialised weights (adaLN gates, output projections) drawn small and seeded instead,
+    so that the prompt reaches the image of an untrained tiny model."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return module
+
+
 def _movq_x8():
     """A MoVQ with scale factor 8 (4 blocks; SpatialNorm hard-codes 32 groups: channels are multiples of 32)."""
     from diffusers import VQModel
@@ -1930,6 +1942,153 @@ def build_cosmos2() -> DiffusionPipeline:
     return _finish(pipe)
 
 
+def _variant(pipeline_class, components: dict, **extra) -> DiffusionPipeline:
+    """``pipeline_class`` on the components of another family (those its ``__init__`` takes) and ``extra``."""
+    import inspect
+
+    taken = inspect.signature(pipeline_class.__init__).parameters
+    return pipeline_class(**{name: value for name, value in components.items() if name in taken}, **extra)
+
+
+def build_sd3_pag() -> DiffusionPipeline:
+    """SD3 with perturbed-attention guidance on its default layer, "blocks.1" (so a transformer of 2 blocks: the
+    layers are not saved with the pipeline)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3PAGPipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    return _finish(_variant(StableDiffusion3PAGPipeline, {**build_sd3().components, "transformer": transformer}))
+
+
+def build_sd3_controlnet() -> DiffusionPipeline:
+    """SD3 with a ControlNet: needs its ``control_image=`` (64 x 64) on every call."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = SD3ControlNetModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    return _finish(_variant(StableDiffusion3ControlNetPipeline, build_sd3().components, controlnet=controlnet))
+
+
+def build_flux_controlnet() -> DiffusionPipeline:
+    """Flux with a ControlNet: needs its ``control_image=`` (64 x 64) on every call."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = FluxControlNetModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    return _finish(FluxControlNetPipeline(**build_flux().components, controlnet=controlnet), default_size=64)
+
+
+def build_flux_control() -> DiffusionPipeline:
+    """Flux Control (Canny/Depth): the control image's latents are concatenated to the noise, so the transformer reads
+    twice the packed channels; needs its ``control_image=`` (64 x 64) on every call."""
+    from diffusers import FluxControlPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=32,  # packed noise (4 latent channels x 2 x 2) and packed control latents
+        out_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    return _finish(_variant(FluxControlPipeline, {**build_flux().components, "transformer": transformer}), default_size=64)
+
+
+def build_kandinsky5() -> DiffusionPipeline:
+    """Kandinsky 5 text-to-image: Qwen2.5-VL + CLIP (pooled); channels-last noise with a frame axis (B, 1, h, w, 16);
+    cumulative sequence lengths (``prompt_cu_seqlens``) beside the embeddings. It snaps every request to one of
+    ``resolutions`` (an instance attribute, set here to 64 px as in diffusers' test)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Kandinsky5T2IPipeline, Kandinsky5Transformer3DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        act_fn="silu",
+        block_out_channels=[32, 32, 32, 64],  # scale factor 8, which the pipeline hard-codes
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        force_upcast=True,
+        in_channels=3,
+        latent_channels=16,
+        layers_per_block=1,
+        mid_block_add_attention=False,
+        norm_num_groups=32,
+        out_channels=3,
+        sample_size=128,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        use_post_quant_conv=False,
+        use_quant_conv=False,
+    )
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModel(_clip_text_config(hidden_size=16, intermediate_size=16, num_attention_heads=2,
+                                                     num_hidden_layers=2, projection_dim=16))
+    torch.manual_seed(0)
+    transformer = Kandinsky5Transformer3DModel(
+        in_visual_dim=16,
+        in_text_dim=32,
+        in_text_dim2=16,
+        time_dim=16,
+        out_visual_dim=16,
+        patch_size=(1, 2, 2),
+        model_dim=16,
+        ff_dim=32,
+        num_text_blocks=1,
+        num_visual_blocks=2,
+        axes_dims=(1, 1, 2),
+        visual_cond=False,
+        attention_type="regular",
+    )
+    pipe = Kandinsky5T2IPipeline(
+        transformer=_unzeroed(transformer),
+        vae=vae,
+        text_encoder=_qwen25_vl_encoder(hidden_size=32),
+        tokenizer=_qwen_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_clip_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    pipe.resolutions = [(64, 64), (96, 64), (64, 96)]
+    return _finish(pipe)
+
+
 def _control_image(size: int = 64):
     from PIL import Image
 
@@ -1976,6 +2135,11 @@ FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
     "hunyuanimage": build_hunyuanimage,
     "kandinsky3": build_kandinsky3,
     "cosmos2": build_cosmos2,
+    "sd3_pag": build_sd3_pag,
+    "sd3_controlnet": build_sd3_controlnet,
+    "flux_controlnet": build_flux_controlnet,
+    "flux_control": build_flux_control,
+    "kandinsky5": build_kandinsky5,
 }
 
 DEFAULT_SIZE: dict[str, tuple[int, int]] = {name: (64, 64) for name in FAMILIES}
@@ -2014,6 +2178,11 @@ EXPECTED_LATENT_SHAPE: dict[str, tuple[int, ...]] = {
     "hunyuanimage": (1, 4, 8, 8),  # VAE scale factor 8
     "kandinsky3": (1, 4, 8, 8),  # the pipeline hard-codes scale factor 8
     "cosmos2": (1, 16, 1, 8, 8),  # a frame axis: (B, C, 1, h, w); Wan VAE scale factor 8
+    "sd3_pag": (1, 4, 32, 32),
+    "sd3_controlnet": (1, 4, 32, 32),
+    "flux_controlnet": (1, 256, 16),  # packed like Flux
+    "flux_control": (1, 256, 16),  # packed like Flux
+    "kandinsky5": (1, 1, 8, 8, 16),  # channels last, with a frame axis: (B, 1, h, w, C); scale factor 8
 }
 
 PROMPT_CALL_KWARGS: dict[str, dict] = {
@@ -2026,6 +2195,9 @@ PROMPT_CALL_KWARGS: dict[str, dict] = {
     # the conditioning image, and Kontext's area (default 1 megapixel: the requested 64 x 64 is rescaled to it)
     "controlnet_sd": {"image": _control_image()},
     "flux_kontext": {"max_area": 64 * 64},
+    "sd3_controlnet": {"control_image": _control_image()},
+    "flux_controlnet": {"control_image": _control_image()},
+    "flux_control": {"control_image": _control_image()},
 }
 
 # Families that take a text ``prompt=`` (and whose ``encode_prompt`` takes text).
@@ -2047,6 +2219,10 @@ INIT_NOISE_SIGMA_FAMILIES: frozenset[str] = frozenset(
     {"sd", "sd_vpred", "sdxl", "lcm", "pixart_sigma", "kandinsky22", "kolors", "kandinsky3"}
 )
 
+# Families that draw from the ``generator`` before their noise (Flux ControlNet and Control sample their control image's
+# latents): their default noise is not ``randn`` of a fresh generator of the seed.
+PRE_NOISE_DRAW_FAMILIES: frozenset[str] = frozenset({"flux_controlnet", "flux_control"})
+
 # Families whose ``latents=`` is PACKED: the pipeline's default draws ``randn`` of this unpacked
 # shape and packs it with ``pipe._pack_latents(x, B, C, h, w)`` (C, h, w = x.shape[-3:]).
 # All other families draw their default noise as ``randn(EXPECTED_LATENT_SHAPE)`` directly.
@@ -2056,6 +2232,8 @@ UNPACKED_NOISE_SHAPE: dict[str, tuple[int, ...]] = {
     "flux_kontext": (1, 4, 32, 32),
     "bria": (1, 4, 32, 32),
     "chroma": (1, 4, 32, 32),
+    "flux_controlnet": (1, 4, 32, 32),
+    "flux_control": (1, 4, 32, 32),
 }
 
 # Families that snap (height, width) to an aspect-ratio bin before drawing noise (default
