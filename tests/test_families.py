@@ -5,6 +5,16 @@ import torch
 from datasets import Dataset
 from diffusers import (
     AmusedPipeline,
+    AnimateDiffVideoToVideoPipeline,
+    FluxFillPipeline,
+    GlmImagePipeline,
+    HunyuanImageRefinerPipeline,
+    Kandinsky5I2IPipeline,
+    LongCatImagePipeline,
+    SanaVideoPipeline,
+    StableAudioPipeline,
+    StableDiffusionUpscalePipeline,
+    StableUnCLIPPipeline,
     DDIMPipeline,
     DDPMPipeline,
     IFPipeline,
@@ -42,7 +52,7 @@ TEXT_FAMILIES = ["sd", "sd_vpred", "sdxl", "lcm", "sd3", "flux", "flux2", "flux2
                  "qwenimage", "auraflow", "lumina2", "cogview4", "pixart_alpha", "sd_pag", "sdxl_pag", "pixart_sigma_pag",
                  "flux_kontext", "bria", "chroma", "hunyuandit", "hidream", "zimage", "sana_sprint", "cogview3plus",
                  "lumina", "kolors", "hunyuanimage", "kandinsky3", "cosmos2", "sd3_pag", "sd3_controlnet",
-                 "flux_controlnet", "flux_control", "kandinsky5"]
+                 "flux_controlnet", "flux_control", "kandinsky5", "ovis_image", "ernie_image", "qwenimage21", "bria_fibo"]
 POOLED_FAMILIES = {"sdxl", "sd3", "flux", "sdxl_pag", "flux_kontext", "hidream", "kolors", "sd3_pag", "sd3_controlnet",
                    "flux_controlnet", "flux_control", "kandinsky5"}
 PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square on the left"]})
@@ -205,6 +215,16 @@ def test_stochastic_schedulers_are_seeded(family, tmp_path):
         (AmusedPipeline, "discrete image tokens"),
         (LDMTextToImagePipeline, "takes its prompt only as text"),
         (OmniGenPipeline, "takes its prompt only as text"),
+        (LongCatImagePipeline, "fails on `prompt_embeds` given without a `prompt`"),
+        (GlmImagePipeline, "autoregressive model samples image tokens"),
+        (StableUnCLIPPipeline, "two denoising stages"),
+        (FluxFillPipeline, "fills the masked part of an input image"),
+        (StableDiffusionUpscalePipeline, "upscales an input image"),
+        (HunyuanImageRefinerPipeline, "refines an input image"),
+        (Kandinsky5I2IPipeline, "starts from an input image"),
+        (SanaVideoPipeline, "generates video"),
+        (AnimateDiffVideoToVideoPipeline, "generates video"),
+        (StableAudioPipeline, "generates audio"),
     ],
 )
 def test_pipelines_that_cannot_take_noise_are_refused(pipeline_class, reason):

@@ -18,6 +18,7 @@ from tests.tiny_pipelines import (  # noqa: E402
     INIT_NOISE_SIGMA_FAMILIES,
     PRE_NOISE_DRAW_FAMILIES,
     PROMPT_CALL_KWARGS,
+    RGBA_OUTPUT_FAMILIES,
     RAW_PT_OUTPUT_FAMILIES,
     STOCHASTIC_SAMPLER_FAMILIES,
     TEXT_PROMPT_FAMILIES,
@@ -81,6 +82,7 @@ def test_tables_cover_every_family():
         STOCHASTIC_SAMPLER_FAMILIES,
         INIT_NOISE_SIGMA_FAMILIES,
         PRE_NOISE_DRAW_FAMILIES,
+        RGBA_OUTPUT_FAMILIES,
         UNPACKED_NOISE_SHAPE,
         BINNED_GENERATION_SIZE,
     ):
@@ -100,7 +102,8 @@ def _canonical_noise(pipe, name, seed):
     if name in UNPACKED_NOISE_SHAPE:
         raw = torch.randn(UNPACKED_NOISE_SHAPE[name], generator=g)
         c, h, w = raw.shape[-3:]
-        return pipe._pack_latents(raw, raw.shape[0], c, h, w)
+        pack = getattr(pipe, "_pack_latents_no_patch", pipe._pack_latents)  # Bria FIBO packs without patches
+        return pack(raw, raw.shape[0], c, h, w)
     return torch.randn(EXPECTED_LATENT_SHAPE[name], generator=g)
 
 
@@ -120,7 +123,7 @@ def test_family_builds_runs_and_takes_latents(name):
     default = _call(pipe, name, generator=torch.Generator("cpu").manual_seed(3))
     assert isinstance(default, torch.Tensor)
     assert default.is_floating_point()
-    assert tuple(default.shape) == (1, 3, height, width)
+    assert tuple(default.shape) == (1, 4 if name in RGBA_OUTPUT_FAMILIES else 3, height, width)
     assert torch.isfinite(default).all()
     assert default.min() >= 0.0 and default.max() <= 1.0
 
@@ -129,7 +132,7 @@ def test_family_builds_runs_and_takes_latents(name):
     latents = _canonical_noise(pipe, name, seed=3)
     assert tuple(latents.shape) == EXPECTED_LATENT_SHAPE[name]
     first = _call(pipe, name, latents=latents.clone(), generator=torch.Generator("cpu").manual_seed(3))
-    assert tuple(first.shape) == (1, 3, height, width)
+    assert first.shape == default.shape
     if name not in STOCHASTIC_SAMPLER_FAMILIES | PRE_NOISE_DRAW_FAMILIES:
         assert torch.equal(first, default), f"{name}: given canonical noise != the default call"
 

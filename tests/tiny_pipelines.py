@@ -141,6 +141,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 __all__ = [
     "FAMILIES",
@@ -153,6 +154,7 @@ __all__ = [
     "STOCHASTIC_SAMPLER_FAMILIES",
     "INIT_NOISE_SIGMA_FAMILIES",
     "PRE_NOISE_DRAW_FAMILIES",
+    "RGBA_OUTPUT_FAMILIES",
     "UNPACKED_NOISE_SHAPE",
     "BINNED_GENERATION_SIZE",
 ]
@@ -2089,6 +2091,218 @@ def build_kandinsky5() -> DiffusionPipeline:
     return _finish(pipe)
 
 
+def _qwen3_model(hidden_size: int = 32, causal_lm: bool = False):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=1000,
+                         max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+
+def build_ovis_image() -> DiffusionPipeline:
+    """Ovis-Image: Qwen-3, packed latents like Flux."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2 x 2 packing
+        out_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    )
+    pipe = OvisImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(latent_channels=4),
+        text_encoder=_qwen3_model(hidden_size=32),
+        tokenizer=_qwen_tokenizer(),
+        transformer=_unzeroed(transformer),
+    )
+    return _finish(pipe, default_size=64)
+
+
+class QwenTextProcessor(PreTrainedTokenizerFast):
+    """Stands in for Qwen-Image 2.1's ``Qwen3VLProcessor`` (whose video processor needs torchvision, which the tests do
+    not install): the text-to-image path calls it on text only, and reads its ``tokenizer``."""
+
+    @property
+    def tokenizer(self):
+        return self
+
+    def apply_chat_template(self, conversation, **kwargs):
+        # a processor tokenizes a batch: one list of ids per conversation
+        ids = super().apply_chat_template(conversation, **kwargs)
+        return [ids] if kwargs.get("tokenize") and isinstance(conversation[0], dict) else ids
+
+
+def _qwen_text_processor() -> QwenTextProcessor:
+    tokenizer = _qwen_tokenizer()
+    return QwenTextProcessor(tokenizer_object=tokenizer.backend_tokenizer, **{
+        key: getattr(tokenizer, key) for key in ("eos_token", "pad_token", "chat_template", "model_max_length")
+    })
+
+
+def build_longcat_image() -> DiffusionPipeline:
+    """LongCat-Image: Qwen2.5-VL, packed latents like Flux (16 latent channels, hard-coded). Call it with
+    ``enable_prompt_rewrite=False``: its default rewrites the prompt with the text encoder. (Noise PPO refuses it:
+    its ``prompt_embeds`` path fails in diffusers 0.42.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels x 2 x 2 packing
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    pipe = LongCatImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(latent_channels=16),
+        text_encoder=_qwen25_vl_encoder(hidden_size=32),
+        tokenizer=_qwen_tokenizer(),
+        text_processor=_qwen_text_processor(),
+        transformer=_unzeroed(transformer),
+    )
+    return _finish(pipe, default_size=64)
+
+
+def build_ernie_image() -> DiffusionPipeline:
+    """ERNIE-Image: Mistral-3 (its second-to-last hidden states, a LIST of variable-length embeddings), the Flux.2 VAE
+    (patchified latents); it has no ``prepare_latents`` and draws its noise inline in ``__call__``. Its prompt enhancer
+    (``pe``) is left out."""
+    from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import Mistral3Model
+
+    torch.manual_seed(0)
+    transformer = ErnieImageTransformer2DModel(
+        hidden_size=16,
+        num_attention_heads=1,
+        num_layers=1,
+        ffn_hidden_size=16,
+        in_channels=16,  # 4 latent channels x 2 x 2 patchify
+        out_channels=16,
+        patch_size=1,
+        text_in_dim=16,
+        rope_theta=256,
+        rope_axes_dim=(8, 4, 4),
+        eps=1e-6,
+        qk_layernorm=True,
+    )
+    flux2 = build_flux2()
+    torch.manual_seed(0)
+    text_encoder = Mistral3Model(flux2.text_encoder.config)
+    pipe = ErnieImagePipeline(
+        transformer=_unzeroed(transformer),
+        vae=flux2.vae,
+        text_encoder=text_encoder,
+        tokenizer=flux2.tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return _finish(pipe)
+
+
+def build_qwenimage21() -> DiffusionPipeline:
+    """Qwen-Image 2.1: a Qwen3-VL text encoder read through its processor (a text-only stand-in here), a single-stream
+    block-causal transformer, a 16x VAE; true CFG encodes the negative prompt in a call of its own."""
+    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline, QwenImage21Transformer2DModel
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=32,
+        mlp_ratio=2,
+        axes_dims_rope=(4, 6, 6),
+    )
+    z_dim = 16
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True, True],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    )
+    config = Qwen3VLConfig(
+        text_config={"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                     "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default", "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32,
+                       "deepstack_visual_indexes": [0], "num_position_embeddings": 16},
+        image_token_id=7,  # the tiny Qwen tokenizer's <|image_pad|>, <|vision_start|>, <|vision_end|>
+        video_token_id=995,
+        vision_start_token_id=5,
+        vision_end_token_id=6,
+    )
+    torch.manual_seed(0)
+    text_encoder = Qwen3VLForConditionalGeneration(config)
+    pipe = QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        processor=_qwen_text_processor(),
+        transformer=_unzeroed(transformer),
+    )
+    return _finish(pipe)
+
+
+def build_bria_fibo() -> DiffusionPipeline:
+    """Bria FIBO: SmolLM3 (its last two hidden states), a Wan VAE with 2 x 2 patches (scale factor 16); its ``__call__``
+    takes the prompt only as text, no embeddings."""
+    from diffusers import AutoencoderKLWan, BriaFiboPipeline, BriaFiboTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(0)
+    transformer = BriaFiboTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        text_encoder_dim=32,
+        pooled_projection_dim=None,
+        axes_dims_rope=[0, 4, 4],
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=16, decoder_base_dim=16, num_res_blocks=1, out_channels=12, patch_size=2,
+                           scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True],
+                           z_dim=16)
+    torch.manual_seed(0)
+    # an empty prompt is encoded as the id 128000 (the pipeline hard-codes SmolLM3's bos): the vocabulary reaches it
+    text_encoder = SmolLM3ForCausalLM(SmolLM3Config(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128256,
+                                                    max_position_embeddings=512))
+    pipe = BriaFiboPipeline(
+        transformer=_unzeroed(transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_t5_tokenizer(),
+    )
+    return _finish(pipe)
+
+
 def _control_image(size: int = 64):
     from PIL import Image
 
@@ -2140,6 +2354,11 @@ FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
     "flux_controlnet": build_flux_controlnet,
     "flux_control": build_flux_control,
     "kandinsky5": build_kandinsky5,
+    "ovis_image": build_ovis_image,
+    "longcat_image": build_longcat_image,
+    "ernie_image": build_ernie_image,
+    "qwenimage21": build_qwenimage21,
+    "bria_fibo": build_bria_fibo,
 }
 
 DEFAULT_SIZE: dict[str, tuple[int, int]] = {name: (64, 64) for name in FAMILIES}
@@ -2183,6 +2402,11 @@ EXPECTED_LATENT_SHAPE: dict[str, tuple[int, ...]] = {
     "flux_controlnet": (1, 256, 16),  # packed like Flux
     "flux_control": (1, 256, 16),  # packed like Flux
     "kandinsky5": (1, 1, 8, 8, 16),  # channels last, with a frame axis: (B, 1, h, w, C); scale factor 8
+    "ovis_image": (1, 256, 16),  # packed like Flux
+    "longcat_image": (1, 256, 64),  # packed like Flux, 16 latent channels
+    "ernie_image": (1, 16, 16, 16),  # patchified 4-D like Flux.2
+    "qwenimage21": (1, 16, 16),  # packed without patches: (B, h * w, C); scale factor 16
+    "bria_fibo": (1, 16, 16),  # packed without patches: (B, h * w, C); scale factor 16
 }
 
 PROMPT_CALL_KWARGS: dict[str, dict] = {
@@ -2198,6 +2422,8 @@ PROMPT_CALL_KWARGS: dict[str, dict] = {
     "sd3_controlnet": {"control_image": _control_image()},
     "flux_controlnet": {"control_image": _control_image()},
     "flux_control": {"control_image": _control_image()},
+    # its default rewrites the prompt with its text encoder (Noise PPO conditions on the prompt's embeddings)
+    "longcat_image": {"enable_prompt_rewrite": False},
 }
 
 # Families that take a text ``prompt=`` (and whose ``encode_prompt`` takes text).
@@ -2234,7 +2460,14 @@ UNPACKED_NOISE_SHAPE: dict[str, tuple[int, ...]] = {
     "chroma": (1, 4, 32, 32),
     "flux_controlnet": (1, 4, 32, 32),
     "flux_control": (1, 4, 32, 32),
+    "ovis_image": (1, 4, 32, 32),
+    "longcat_image": (1, 16, 32, 32),
+    "qwenimage21": (1, 16, 4, 4),
+    "bria_fibo": (1, 16, 4, 4),  # packed by _pack_latents_no_patch (the default, do_patching=False)
 }
+
+# Families whose images have an alpha channel (Qwen-Image 2.1: RGBA).
+RGBA_OUTPUT_FAMILIES: frozenset[str] = frozenset({"qwenimage21"})
 
 # Families that snap (height, width) to an aspect-ratio bin before drawing noise (default
 # use_resolution_binning=True) and resize the image back: the size actually generated at

@@ -62,7 +62,34 @@ REFUSED_PIPELINE_NAME_PARTS = {
         "aMUSEd generates discrete image tokens by masked token prediction: its `latents` are token ids, not Gaussian "
         "noise"
     ),
+    "I2I": "it starts from an input image, not from pure noise; use the text-to-image pipeline of the family",
+    "Upscale": "it upscales an input image, whose content it keeps; use a text-to-image pipeline",
+    "Refiner": "it refines an input image, whose content it keeps; use the text-to-image pipeline of the family",
+    "FluxFill": "it fills the masked part of an input image; use a text-to-image pipeline such as FluxPipeline",
+    "Video": "it generates video, and Noise PPO's rewards score images; use a text-to-image pipeline",
+    "Animate": "it generates video (an animation), and Noise PPO's rewards score images; use a text-to-image pipeline",
+    "Audio": "it generates audio, and Noise PPO's rewards score images",
+    "Music": "it generates audio, and Noise PPO's rewards score images",
+    "AceStep": "it generates audio, and Noise PPO's rewards score images",
+    "GlmImage": (
+        "GLM-Image makes an image in two stages: an autoregressive model samples image tokens from the prompt (from "
+        "the global random state), then a diffusion decoder renders them, and `latents` reach only the decoder; use a "
+        "single-stage text-to-image pipeline"
+    ),
+    "StableUnCLIP": (
+        "Stable unCLIP makes an image in two denoising stages (a prior, then a decoder), each from its own initial "
+        "noise, and `latents` reach only the decoder; use a single-stage text-to-image pipeline"
+    ),
+    "LongCatImagePipeline": (
+        "in diffusers 0.42 its `encode_prompt` fails on `prompt_embeds` given without a `prompt` (it takes "
+        "`len(prompt)`), and Noise PPO passes the pipeline the prompt's embeddings it computed once; use another "
+        "text-to-image pipeline, or a diffusers release that fixes it"
+    ),
 }
+
+# `__call__` arguments that make a pipeline rewrite the prompt with a language model before encoding it, with the
+# component that rewrites: Noise PPO conditions its generator on the embeddings of the prompt as given.
+PROMPT_REWRITING_ARGUMENTS = {"use_pe": "pe", "enable_prompt_rewrite": "text_processor"}
 
 # `__call__` arguments that make a pipeline's output a video.
 VIDEO_ARGUMENTS = ("num_frames", "video_length")
@@ -150,6 +177,8 @@ def _run_to_prepare_latents(pipeline: DiffusionPipeline, call_kwargs: dict) -> _
     """Calls `pipeline(**call_kwargs)` until `prepare_latents` has run, and returns what it returned, the arguments it
     was given and the noise it drew through its module's `randn_tensor` (the function every diffusers pipeline draws its
     initial noise with)."""
+    if not hasattr(type(pipeline), "prepare_latents"):
+        return _run_to_inline_draw(pipeline, call_kwargs)
     prepare_latents = type(pipeline).prepare_latents
     module_namespace = prepare_latents.__globals__
     draws = []
@@ -183,9 +212,41 @@ def _run_to_prepare_latents(pipeline: DiffusionPipeline, call_kwargs: dict) -> _
     )
 
 
+def _run_to_inline_draw(pipeline: DiffusionPipeline, call_kwargs: dict) -> _LatentsPrepared:
+    """For a pipeline without `prepare_latents` (ERNIE-Image), which draws its noise in `__call__` itself through its
+    module's `randn_tensor`: calls `pipeline(**call_kwargs)` until that draw and returns it, with no arguments."""
+    module_namespace = inspect.unwrap(type(pipeline).__call__).__globals__
+    drawing = module_namespace.get("randn_tensor")
+    if drawing is not randn_tensor:
+        raise RuntimeError(
+            f"{type(pipeline).__name__} has no `prepare_latents` and does not draw its noise with diffusers' "
+            "`randn_tensor`, so its noise shape cannot be discovered. Please open an issue with the pipeline class."
+        )
+
+    def draw_and_stop(*args, **kwargs):
+        noise = drawing(*args, **kwargs)
+        raise _LatentsPrepared(noise, {}, [noise])
+
+    module_namespace["randn_tensor"] = draw_and_stop
+    try:
+        pipeline(**call_kwargs)
+    except _LatentsPrepared as stop:
+        return stop
+    finally:
+        module_namespace["randn_tensor"] = drawing
+    raise RuntimeError(
+        f"{type(pipeline).__name__} finished without drawing its noise, so its noise shape cannot be discovered. "
+        "Please open an issue with the pipeline class."
+    )
+
+
 def _prepare(pipeline: DiffusionPipeline, arguments: dict, latents: torch.Tensor | None) -> torch.Tensor:
     # what the pipeline makes of `latents` given by the caller (or draws, if None); a throwaway generator keeps the
-    # caller's untouched
+    # caller's untouched. A pipeline that draws its noise inline uses the noise it is given as the noise it draws.
+    if not hasattr(type(pipeline), "prepare_latents"):
+        if latents is None:
+            raise TypeError("an inline draw cannot be repeated")
+        return latents
     throwaway = torch.Generator(device=torch.device(arguments.get("device") or "cpu")).manual_seed(0)
     generator = arguments.get("generator")
     if isinstance(generator, list):
@@ -269,7 +330,7 @@ def draw_noise(pipeline: DiffusionPipeline, call_kwargs: dict) -> tuple[NoiseSpe
     states = [generator.get_state() for generator in generators]
     stop = _run_to_prepare_latents(pipeline, call_kwargs)
     spec = _noise_spec(pipeline, stop)
-    if generators:
+    if generators and hasattr(type(pipeline), "prepare_latents"):
         for generator, state in zip(generators, states):
             generator.set_state(state)
         if not torch.equal(_first(type(pipeline).prepare_latents(**{**stop.arguments, "latents": None})), stop.latents):
@@ -458,13 +519,24 @@ def _encode_prompt_kwargs(pipeline: DiffusionPipeline, site: EncodePromptCall, v
     return kwargs
 
 
+def takes_prompt_as_text(pipeline: DiffusionPipeline) -> bool:
+    """Whether `pipeline.__call__` takes no embeddings at all (Bria FIBO), so that its prompts go to it as text and their
+    embeddings only to the noise generator."""
+    return not any("embeds" in name for name in call_parameters(pipeline))
+
+
 def _conditioning_sites(pipeline: DiffusionPipeline) -> list[EncodePromptCall]:
     """The `encode_prompt` calls whose outputs `__call__` also takes as arguments, with the names to keep (None for the
-    others); one nameless call (a pipeline whose source cannot be read) if none."""
+    others); for a pipeline that takes its prompt as text, its own prompt's embeddings and masks (for the generator);
+    one nameless call (a pipeline whose source cannot be read) if none."""
     parameters = call_parameters(pipeline)
     sites = []
     for site in encode_prompt_call_sites(type(pipeline)):
-        kept = tuple(name if name in parameters else None for name in site.names)
+        if takes_prompt_as_text(pipeline) and site.variables.get("prompt", "prompt") == "prompt":
+            kept = tuple(name if "embeds" in name or "mask" in name else None for name in site.names)
+            kept = tuple(None if name and name.startswith("negative") else name for name in kept)
+        else:
+            kept = tuple(name if name in parameters else None for name in site.names)
         if any(kept):
             sites.append(site._replace(names=kept))
     return sites or [EncodePromptCall((), {}, {}, 0)]
@@ -540,14 +612,28 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
     entry per prompt):
     `pipeline_arguments` puts them back as the pipeline takes them.
     """
+    values = _call_values(pipeline, prompts, call_kwargs)
+    for argument, rewriter in PROMPT_REWRITING_ARGUMENTS.items():
+        if values.get(argument) and getattr(pipeline, rewriter, None) is not None:
+            raise ValueError(
+                f"{type(pipeline).__name__} rewrites the prompt with a language model when `{argument}` is on (its "
+                "default), and Noise PPO conditions its generator on the embeddings of the prompt as given: pass "
+                f"`{argument}=False` (in `pipeline_kwargs` for training)."
+            )
     encoded = _encode(pipeline, prompts, call_kwargs)
     if not any(name for name in encoded if "mask" not in name):
         raise ValueError(
             f"{type(pipeline).__name__}.encode_prompt returned no prompt embeddings; Noise PPO conditions its "
             "generator on them. Please open an issue with the pipeline class."
         )
+    if takes_prompt_as_text(pipeline):
+        # the pipeline encodes its prompts itself: they go to it as text, one per row
+        encoded.update({
+            name: value for name, value in values.items() if ENCODED_PROMPT_ARGUMENT.fullmatch(name) and value is not None
+        })
     negative = [name for name in call_kwargs if name.startswith("negative") and ENCODED_PROMPT_ARGUMENT.fullmatch(name)]
-    if any(call_kwargs[name] is not None for name in negative) and not any(name.startswith("negative") for name in encoded):
+    negative_embeds = any(name.startswith("negative") and name not in negative for name in encoded)
+    if any(call_kwargs[name] is not None for name in negative) and not (negative_embeds or takes_prompt_as_text(pipeline)):
         raise ValueError(
             f"{type(pipeline).__name__} does not return the embeddings of `{negative[0]}` under an argument of its "
             f"`__call__`, so Noise PPO cannot pass it on; call without `{negative[0]}`, and please open an issue with "
@@ -567,7 +653,8 @@ def without_encoded_prompts(call_kwargs: dict) -> dict:
 
 def pipeline_arguments(pipeline: DiffusionPipeline, conditioning: dict) -> dict:
     """The conditioning (rows first, see `encode_prompts`) as `pipeline`'s `__call__` takes it, the prompts it replaces
-    set to `None` (PixArt's `negative_prompt` defaults to `""`, and it refuses both a prompt and its embeddings)."""
+    set to `None` (PixArt's `negative_prompt` defaults to `""`, and it refuses both a prompt and its embeddings), without
+    what only the generator reads (the embeddings of a pipeline that takes its prompt as text)."""
     axes = _BATCH_AXES.get(pipeline, {})
 
     def as_taken(name, value):
@@ -575,8 +662,12 @@ def pipeline_arguments(pipeline: DiffusionPipeline, conditioning: dict) -> dict:
             return torch.cat([value.new_zeros(1), value.cumsum(0, dtype=value.dtype)])
         return value.movedim(0, axes[name]) if name in axes else value
 
-    encoded_prompts = {name: None for name in call_parameters(pipeline) if ENCODED_PROMPT_ARGUMENT.fullmatch(name)}
-    return {**encoded_prompts, **{name: as_taken(name, value) for name, value in conditioning.items()}}
+    parameters = call_parameters(pipeline)
+    encoded_prompts = {name: None for name in parameters if ENCODED_PROMPT_ARGUMENT.fullmatch(name)}
+    return {
+        **encoded_prompts,
+        **{name: as_taken(name, value) for name, value in conditioning.items() if name in parameters},
+    }
 
 
 def repeat_rows(conditioning: dict, repeats: int) -> dict:
@@ -677,7 +768,9 @@ def generator_inputs(conditioning: dict) -> dict[str, torch.Tensor | None]:
 
 
 def images_in_unit_range(pipeline: DiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
-    """`output_type="pt"` images of `pipeline`, mapped to [0, 1] where the family returns them in [-1, 1]."""
+    """`output_type="pt"` images of `pipeline` as rewards take them: RGB (Qwen-Image 2.1's alpha channel left out), in
+    [0, 1] (the Kandinsky decoders return [-1, 1])."""
+    images = images[:, :3]
     if type(pipeline).__name__ in RAW_PT_OUTPUT_PIPELINES:
         return (images * 0.5 + 0.5).clamp(0, 1)
     return images
