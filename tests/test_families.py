@@ -295,24 +295,27 @@ def test_controlnet_image_comes_from_a_dataset_column(tmp_path):
     assert torch.equal(untrained(prompt="a red circle", generator=seeded(), **call).images, base)
 
 
-@pytest.mark.parametrize("family", ["flux", "qwenimage"])
-def test_a_negative_prompt_encoded_in_a_call_of_its_own_reaches_the_pipeline(family, tmp_path):
-    # Flux's and Qwen-Image's true CFG encode the negative prompt in an encode_prompt call of its own
+@pytest.mark.parametrize("family, guidance", [
+    ("flux", {"true_cfg_scale": 2.0}),  # Flux's and Qwen-Image's true CFG encode it in an encode_prompt call of its own
+    ("qwenimage", {"true_cfg_scale": 2.0}),
+    ("cogview3plus", {}),  # it ignores negative embeddings given without their text
+])
+def test_a_negative_prompt_reaches_the_pipeline(family, guidance, tmp_path):
     pipe = build_pipeline(family)
-    call = {"num_inference_steps": 2, "output_type": "pt", "true_cfg_scale": 2.0, **call_kwargs(family)}
+    call = {"num_inference_steps": 2, "output_type": "pt", **guidance, **call_kwargs(family)}
     seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     prompts = ["a red circle", "a cat"]
     with_negative = pipe(prompt=prompts, negative_prompt=["blurry"] * 2, generator=seeded(), **call).images
     assert not torch.equal(with_negative, pipe(prompt=prompts, generator=seeded(), **call).images)
-    embeds = encode_prompts(pipe, prompts)
-    untrained = NoisePPOPipeline(pipe, NoiseGenerator(generator_config_for(pipe, discover_noise_spec(pipe, {"prompt": prompts, **call}), embeds)))
+    spec = discover_noise_spec(pipe, {"prompt": prompts, **call})
+    untrained = NoisePPOPipeline(pipe, NoiseGenerator(generator_config_for(pipe, spec, encode_prompts(pipe, prompts))))
     assert torch.equal(untrained(prompt=prompts, negative_prompt="blurry", generator=seeded(), **call).images, with_negative)
 
     batch = [{"prompt": "a red circle"}] * 2 + [{"prompt": "a blue square"}] * 2
     rollouts = []
     for negative in ({}, {"negative_prompt": "blurry"}):
         seen = []
-        args = tiny_config(tmp_path, family, pipeline_kwargs={"true_cfg_scale": 2.0, **negative})
+        args = tiny_config(tmp_path, family, pipeline_kwargs={**guidance, **negative})
         trainer = NoisePPOTrainer(pipe, lambda images, **kw: seen.append(images) or brightness(images), args=args,
                                   train_dataset=PROMPTS)
         trainer._sample_and_score(batch)

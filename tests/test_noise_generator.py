@@ -10,11 +10,13 @@ from trl_noise_ppo.noise_generator import load_noise_generator, pipeline_noise
 ARCHITECTURES = ["pooled_mlp", "token_attention"]
 
 
-def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True, architecture="pooled_mlp", token_grid=None):
+def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True, architecture="pooled_mlp", token_grid=None,
+                   image_axes=None):
     config = NoiseGeneratorConfig(
         architecture=architecture,
         noise_shape=list(noise_shape),
         token_grid=token_grid,
+        image_axes=image_axes,
         prompt_embeds_dim=32,
         pooled_prompt_embeds_dim=16 if pooled else None,
         base_pipeline="some/pipeline",
@@ -57,6 +59,21 @@ def test_packed_noise_is_the_patch_grid_in_row_major_order():
     mu_image, _ = image(**inputs)
     assert mu_packed.shape == (3, 6, 16)
     torch.testing.assert_close(mu_packed, mu_image.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("noise_shape, image_axes, as_image", [
+    ((16, 1, 2, 3), [0, 2, 3], lambda x: x.unsqueeze(2)),  # Cosmos 2: (channels, 1 frame, rows, columns)
+    ((1, 2, 3, 16), [3, 1, 2], lambda x: x.permute(0, 2, 3, 1).unsqueeze(1)),  # Kandinsky 5: (1, rows, columns, channels)
+])
+def test_noise_with_a_frame_axis_is_the_image_laid_out_on_its_axes(noise_shape, image_axes, as_image):
+    laid_out = make_generator(noise_shape, learn_sigma=True, image_axes=image_axes)
+    torch.nn.init.normal_(laid_out.head.weight)
+    image = make_generator((16, 2, 3), learn_sigma=True)
+    image.load_state_dict(laid_out.state_dict())
+    inputs = conditioning()
+    for laid_out_output, image_output in zip(laid_out(**inputs), image(**inputs)):
+        assert laid_out_output.shape == (3, *noise_shape)
+        torch.testing.assert_close(laid_out_output, as_image(image_output))
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -123,6 +140,10 @@ def test_bad_config_is_refused():
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16]))
     with pytest.raises(ValueError, match="token_grid"):
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[256, 16], prompt_embeds_dim=8))
+    with pytest.raises(ValueError, match="image_axes"):
+        NoiseGenerator(NoiseGeneratorConfig(noise_shape=[16, 1, 8, 8], prompt_embeds_dim=8))
+    with pytest.raises(ValueError, match="its other axes of size 1"):
+        NoiseGenerator(NoiseGeneratorConfig(noise_shape=[16, 2, 8, 8], image_axes=[0, 2, 3], prompt_embeds_dim=8))
     with pytest.raises(ValueError, match="Unknown architecture 'unet'"):
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], prompt_embeds_dim=8, architecture="unet"))
     with pytest.raises(ValueError, match="use architecture='pooled_mlp'"):

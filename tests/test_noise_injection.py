@@ -122,3 +122,13 @@ def test_generator_mismatch_is_explained(sd):
     wants_pooled = NoiseGeneratorConfig(noise_shape=[4, 32, 32], prompt_embeds_dim=32, pooled_prompt_embeds_dim=32)
     with pytest.raises(ValueError, match="pooled_prompt_embeds` of width 32, but the pipeline's are absent"):
         check_generator_fits(wants_pooled, spec, embeds, sd)
+
+
+def test_a_prompt_rewritten_by_a_language_model_is_refused():
+    # ERNIE-Image rewrites the prompt with its prompt enhancer (`pe`) when `use_pe` is on, its default
+    pipe = build_pipeline("ernie_image")
+    encode_prompts(pipe, ["a cat"])  # no enhancer loaded: nothing is rewritten
+    pipe.__dict__["pe"] = object()  # stands in for a loaded enhancer
+    with pytest.raises(ValueError, match="rewrites the prompt with a language model when `use_pe` is on.*use_pe=False"):
+        encode_prompts(pipe, ["a cat"])
+    assert encode_prompts(pipe, ["a cat"], use_pe=False)["prompt_embeds"][0].shape[-1] == 16

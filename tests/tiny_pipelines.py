@@ -44,7 +44,23 @@ hunyuandit      HunyuanDiTPipeline              (1, 4, 8, 8)         BERT + T5; 
 hidream         HiDreamImagePipeline            (1, 4, 8, 8)         CLIP x2 + T5 + Llama
 zimage          ZImagePipeline                  (1, 16, 32, 32)      Qwen-3; LIST of embeddings
 kolors          KolorsPipeline                  (1, 4, 32, 32)       ChatGLM-3 (sentencepiece)
+hunyuanimage    HunyuanImagePipeline            (1, 4, 8, 8)         Qwen2.5-VL + ByT5; batch_size
+kandinsky3      Kandinsky3Pipeline              (1, 4, 8, 8)         T5; MoVQ; cut_context
+cosmos2         Cosmos2TextToImagePipeline      (1, 16, 1, 8, 8)     T5; FRAME axis; sigma_max
+sd3_pag         StableDiffusion3PAGPipeline     (1, 4, 32, 32)       sd3's parts, 2 blocks
+sd3_controlnet  StableDiffusion3ControlNetPipeline (1, 4, 32, 32)    needs ``control_image=``
+flux_controlnet FluxControlNetPipeline          (1, 256, 16)         needs ``control_image=``
+flux_control    FluxControlPipeline             (1, 256, 16)         needs ``control_image=``
+kandinsky5      Kandinsky5T2IPipeline           (1, 1, 8, 8, 16)     channels LAST, frame axis
+ovis_image      OvisImagePipeline               (1, 256, 16)         Qwen-3; PACKED
+longcat_image   LongCatImagePipeline            (1, 256, 64)         Qwen2.5-VL; PACKED (refused)
+ernie_image     ErnieImagePipeline              (1, 16, 16, 16)      Mistral-3; draws INLINE
+qwenimage21     QwenImage21Pipeline             (1, 16, 16)          Qwen3-VL; RGBA images
+bria_fibo       BriaFiboPipeline                (1, 16, 16)          SmolLM3; prompt as TEXT only
 ==============  ==============================  ===================  ============================
+
+``MORE_FAMILIES`` (with ``MORE_CALL_KWARGS``) holds other pipeline classes on these components (PAG and ControlNet
+variants, SAG, Panorama, ...), built only for the coverage table of ``benchmarks/families.py``.
 
 Tables for tests:
 
@@ -60,7 +76,8 @@ Tables for tests:
   megapixel) and HunyuanDiT's ``use_resolution_binning=False`` (else 64 px is binned to 1024 px).
 - ``TEXT_PROMPT_FAMILIES``: the families that take ``prompt=`` and ``encode_prompt(text)``.
 - ``RAW_PT_OUTPUT_FAMILIES``, ``STOCHASTIC_SAMPLER_FAMILIES``, ``INIT_NOISE_SIGMA_FAMILIES``,
-  ``UNPACKED_NOISE_SHAPE``, ``BINNED_GENERATION_SIZE``: the quirks below.
+  ``PRE_NOISE_DRAW_FAMILIES``, ``RGBA_OUTPUT_FAMILIES``, ``UNPACKED_NOISE_SHAPE``, ``BINNED_GENERATION_SIZE``: the
+  quirks below.
 
 Families that cannot take text prompts:
 
@@ -123,6 +140,12 @@ Quirks met (all checked by tests/test_tiny_pipelines.py):
 - Flux.2 stacks text-encoder hidden states (10, 20, 30) and Flux.2-klein (9, 18, 27) by default:
   the tiny text encoders have 30 and 27 layers (hidden size 16) so that default calls and
   ``encode_prompt(text)`` work without ``text_encoder_out_layers``.
+- Tokenizers and processors stood in for: Cosmos' guardrail (``PassingSafetyChecker``), Qwen-Image 2.1's
+  ``Qwen3VLProcessor`` (``QwenTextProcessor``: its video processor needs torchvision); ByT5 needs no vocabulary file.
+- Zero-initialised gates (Kandinsky 5, Ovis, ERNIE, Qwen-Image 2.1, Bria FIBO, LongCat) are drawn small and seeded
+  (``_unzeroed``), else the prompt would not reach the image of an untrained tiny model.
+- Instance attributes not kept by ``save_pretrained``: ``default_sample_size`` (see above) and Kandinsky 5's
+  ``resolutions`` (set to 64 px: it snaps every request to one of them).
 - Speed: on a busy 2-core machine these tiny models run several times faster with
   ``torch.set_num_threads(1)`` (two intra-op threads spin against each other).
 """
@@ -688,13 +711,10 @@ def _flux2_transformer(joint_attention_dim: int, guidance_embeds: bool = True):
     )
 
 
-def build_flux2() -> DiffusionPipeline:
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+def _mistral3_config(num_hidden_layers: int = 30):
+    from transformers import Mistral3Config
 
-    # The pipeline stacks text-encoder hidden states (10, 20, 30) by default: 30 tiny layers make
-    # the default call work without a text_encoder_out_layers argument.
-    config = Mistral3Config(
+    return Mistral3Config(
         text_config={
             "model_type": "mistral",
             "vocab_size": 1000,
@@ -702,7 +722,7 @@ def build_flux2() -> DiffusionPipeline:
             "intermediate_size": 37,
             "max_position_embeddings": 1024,
             "num_attention_heads": 4,
-            "num_hidden_layers": 30,
+            "num_hidden_layers": num_hidden_layers,
             "num_key_value_heads": 2,
             "rms_norm_eps": 1e-05,
             "rope_theta": 1000000000.0,
@@ -728,10 +748,10 @@ def build_flux2() -> DiffusionPipeline:
         vision_feature_layer=-1,
         image_token_index=1,
     )
-    torch.manual_seed(0)
-    text_encoder = Mistral3ForConditionalGeneration(config)
-    # Stands in for the Pixtral processor: the pipeline only calls apply_chat_template on text.
-    tokenizer = _byte_bpe_tokenizer(
+
+
+def _mistral_tokenizer():
+    return _byte_bpe_tokenizer(
         ["<unk>", "[IMG]", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"],
         bos="<s>",
         eos="</s>",
@@ -740,11 +760,22 @@ def build_flux2() -> DiffusionPipeline:
         model_max_length=1024,
         chat_template=_MISTRAL_CHAT_TEMPLATE,
     )
+
+
+def build_flux2() -> DiffusionPipeline:
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3ForConditionalGeneration
+
+    # The pipeline stacks text-encoder hidden states (10, 20, 30) by default: 30 tiny layers make
+    # the default call work without a text_encoder_out_layers argument.
+    torch.manual_seed(0)
+    text_encoder = Mistral3ForConditionalGeneration(_mistral3_config())
     pipe = Flux2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_flux2_vae(),
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        # stands in for the Pixtral processor: the pipeline only calls apply_chat_template on text
+        tokenizer=_mistral_tokenizer(),
         transformer=_flux2_transformer(joint_attention_dim=48),
     )
     return _finish(pipe, default_size=64)
@@ -1308,12 +1339,11 @@ def build_flux_kontext() -> DiffusionPipeline:
     return _finish(FluxKontextPipeline(**build_flux().components), default_size=64)
 
 
-def build_controlnet_sd() -> DiffusionPipeline:
-    """SD 1.x with a ControlNet: needs its conditioning ``image=`` (64 x 64) on every call."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def _sd_controlnet_model():
+    from diffusers import ControlNetModel
 
     torch.manual_seed(0)
-    controlnet = ControlNetModel(
+    return ControlNetModel(
         block_out_channels=(4, 8),
         layers_per_block=1,
         in_channels=4,
@@ -1322,7 +1352,13 @@ def build_controlnet_sd() -> DiffusionPipeline:
         conditioning_embedding_out_channels=(16, 32),
         norm_num_groups=2,
     )
-    return _finish(StableDiffusionControlNetPipeline(**_sd_components(), controlnet=controlnet))
+
+
+def build_controlnet_sd() -> DiffusionPipeline:
+    """SD 1.x with a ControlNet: needs its conditioning ``image=`` (64 x 64) on every call."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    return _finish(StableDiffusionControlNetPipeline(**_sd_components(), controlnet=_sd_controlnet_model()))
 
 
 def build_bria() -> DiffusionPipeline:
@@ -2199,14 +2235,13 @@ def build_ernie_image() -> DiffusionPipeline:
         eps=1e-6,
         qk_layernorm=True,
     )
-    flux2 = build_flux2()
     torch.manual_seed(0)
-    text_encoder = Mistral3Model(flux2.text_encoder.config)
+    text_encoder = Mistral3Model(_mistral3_config(num_hidden_layers=2))
     pipe = ErnieImagePipeline(
         transformer=_unzeroed(transformer),
-        vae=flux2.vae,
+        vae=_flux2_vae(),
         text_encoder=text_encoder,
-        tokenizer=flux2.tokenizer,
+        tokenizer=_mistral_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(),
     )
     return _finish(pipe)
@@ -2303,6 +2338,112 @@ def build_bria_fibo() -> DiffusionPipeline:
     return _finish(pipe)
 
 
+# --------------------------------------------------------------------------------------------
+# Variants built only for the coverage table (``python -m benchmarks.families``), not run by the
+# tests: another pipeline class on the components of a tested family
+# --------------------------------------------------------------------------------------------
+
+
+def _sdxl_controlnet_model():
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(0)  # one downsampling of the conditioning image, as the tiny VAE's
+    return ControlNetModel.from_unet(build_sdxl().unet, conditioning_embedding_out_channels=(16, 32))
+
+
+def build_flux2_klein_kv() -> DiffusionPipeline:
+    from diffusers import Flux2KleinKVPipeline
+
+    return _finish(_variant(Flux2KleinKVPipeline, build_flux2_klein().components, is_distilled=False), default_size=64)
+
+
+def build_kolors_pag() -> DiffusionPipeline:
+    from diffusers import KolorsPAGPipeline
+
+    return _finish(_variant(KolorsPAGPipeline, build_kolors().components))
+
+
+def build_hunyuandit_pag() -> DiffusionPipeline:
+    from diffusers import HunyuanDiTPAGPipeline
+
+    return _finish(_variant(HunyuanDiTPAGPipeline, build_hunyuandit().components))
+
+
+def build_sana_pag() -> DiffusionPipeline:
+    from diffusers import SanaPAGPipeline
+
+    return _finish(_variant(SanaPAGPipeline, build_sana().components))
+
+
+def build_sd_controlnet_pag() -> DiffusionPipeline:
+    from diffusers import StableDiffusionControlNetPAGPipeline
+
+    return _finish(_variant(StableDiffusionControlNetPAGPipeline, _sd_components(), controlnet=_sd_controlnet_model()))
+
+
+def build_sdxl_controlnet() -> DiffusionPipeline:
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    return _finish(_variant(StableDiffusionXLControlNetPipeline, build_sdxl().components, controlnet=_sdxl_controlnet_model()))
+
+
+def build_sdxl_controlnet_pag() -> DiffusionPipeline:
+    from diffusers import StableDiffusionXLControlNetPAGPipeline
+
+    components = build_sdxl().components
+    return _finish(_variant(StableDiffusionXLControlNetPAGPipeline, components, controlnet=_sdxl_controlnet_model()))
+
+
+def build_sd_sag() -> DiffusionPipeline:
+    from diffusers import StableDiffusionSAGPipeline
+
+    return _finish(_variant(StableDiffusionSAGPipeline, _sd_components()))
+
+
+def build_sd_model_editing() -> DiffusionPipeline:
+    from diffusers import StableDiffusionModelEditingPipeline
+
+    return _finish(_variant(StableDiffusionModelEditingPipeline, _sd_components()))
+
+
+def build_sd_attend_and_excite() -> DiffusionPipeline:
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    return _finish(_variant(StableDiffusionAttendAndExcitePipeline, _sd_components()))
+
+
+def build_sd_panorama() -> DiffusionPipeline:
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    return _finish(_variant(StableDiffusionPanoramaPipeline, _sd_components()))
+
+
+def build_sd_paradigms() -> DiffusionPipeline:
+    from diffusers import DDPMParallelScheduler, StableDiffusionParadigmsPipeline
+
+    components = {**_sd_components(), "scheduler": DDPMParallelScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)}
+    return _finish(_variant(StableDiffusionParadigmsPipeline, components))
+
+
+def build_cogview4_control() -> DiffusionPipeline:
+    from diffusers import CogView4ControlPipeline, CogView4Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = CogView4Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=8,  # the noise and the control image's latents
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=4,
+        out_channels=4,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        condition_dim=4,
+    )
+    return _finish(_variant(CogView4ControlPipeline, {**build_cogview4().components, "transformer": transformer}))
+
+
 def _control_image(size: int = 64):
     from PIL import Image
 
@@ -2359,6 +2500,32 @@ FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
     "ernie_image": build_ernie_image,
     "qwenimage21": build_qwenimage21,
     "bria_fibo": build_bria_fibo,
+}
+
+# Built only for the coverage table (benchmarks/families.py): other pipeline classes on a tested family's components.
+MORE_FAMILIES: dict[str, Callable[[], DiffusionPipeline]] = {
+    "flux2_klein_kv": build_flux2_klein_kv,
+    "kolors_pag": build_kolors_pag,
+    "hunyuandit_pag": build_hunyuandit_pag,
+    "sana_pag": build_sana_pag,
+    "sd_controlnet_pag": build_sd_controlnet_pag,
+    "sdxl_controlnet": build_sdxl_controlnet,
+    "sdxl_controlnet_pag": build_sdxl_controlnet_pag,
+    "sd_sag": build_sd_sag,
+    "sd_model_editing": build_sd_model_editing,
+    "sd_attend_and_excite": build_sd_attend_and_excite,
+    "sd_panorama": build_sd_panorama,
+    "sd_paradigms": build_sd_paradigms,
+    "cogview4_control": build_cogview4_control,
+}
+
+MORE_CALL_KWARGS: dict[str, dict] = {
+    "hunyuandit_pag": {"use_resolution_binning": False},
+    "sd_controlnet_pag": {"image": _control_image()},
+    "sdxl_controlnet": {"image": _control_image()},
+    "sdxl_controlnet_pag": {"image": _control_image()},
+    "sd_attend_and_excite": {"token_indices": [2]},
+    "cogview4_control": {"control_image": _control_image()},
 }
 
 DEFAULT_SIZE: dict[str, tuple[int, int]] = {name: (64, 64) for name in FAMILIES}
@@ -2479,9 +2646,9 @@ BINNED_GENERATION_SIZE: dict[str, tuple[int, int]] = {
 
 
 def build_pipeline(name: str) -> DiffusionPipeline:
-    """Build a fresh tiny pipeline of family ``name`` (see ``FAMILIES``)."""
+    """Build a fresh tiny pipeline of family ``name`` (see ``FAMILIES`` and ``MORE_FAMILIES``)."""
     try:
-        builder = FAMILIES[name]
+        builder = {**FAMILIES, **MORE_FAMILIES}[name]
     except KeyError:
-        raise KeyError(f"unknown tiny pipeline family {name!r}; known: {sorted(FAMILIES)}") from None
+        raise KeyError(f"unknown tiny pipeline family {name!r}; known: {sorted({**FAMILIES, **MORE_FAMILIES})}") from None
     return builder()

@@ -87,6 +87,10 @@ REFUSED_PIPELINE_NAME_PARTS = {
     ),
 }
 
+# Pipelines that ignore negative embeddings given without their text, and refuse both: the negative prompts a call gives
+# go to them as text, one per image.
+NEGATIVE_PROMPTS_AS_TEXT = {"CogView3PlusPipeline"}  # its encode_prompt zeroes them unless `negative_prompt` is given
+
 # `__call__` arguments that make a pipeline rewrite the prompt with a language model before encoding it, with the
 # component that rewrites: Noise PPO conditions its generator on the embeddings of the prompt as given.
 PROMPT_REWRITING_ARGUMENTS = {"use_pe": "pe", "enable_prompt_rewrite": "text_processor"}
@@ -427,10 +431,18 @@ def _evaluate(expression: ast.expr, values: dict):
     return eval(compile(ast.Expression(expression), "<__call__>", "eval"), {"__builtins__": _PURE_BUILTINS}, dict(values))
 
 
+def _assigned_names(node: ast.AST) -> list[str]:
+    if not isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign) or node.value is None:
+        return []
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return [target.id for target in targets if isinstance(target, ast.Name)]
+
+
 def _run_assignments(statements: list[ast.stmt], line: int, values: dict, wanted: set[str], arguments: set[str]) -> None:
     # Runs, on `values`, the assignments to `wanted` names that `__call__` makes before `line`, in the branches its
     # `if` tests choose, as far as they can be evaluated from the call's values alone (never from the pipeline's state:
-    # no `self`). A local whose assignment cannot be evaluated is unknown from there on; an argument keeps the call's value.
+    # no `self`). A local whose assignment cannot be evaluated is unknown from there on; an argument keeps the call's
+    # value.
     for statement in statements:
         if statement.lineno > line:
             return
@@ -439,23 +451,20 @@ def _run_assignments(statements: list[ast.stmt], line: int, values: dict, wanted
                 if block and block[0].lineno <= line <= block[-1].end_lineno:
                     _run_assignments(block, line, values, wanted, arguments)
             return
-        if isinstance(statement, ast.Assign | ast.AugAssign | ast.AnnAssign):
-            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
-            for target in targets:
-                if isinstance(target, ast.Name) and target.id in wanted:
-                    try:
-                        values[target.id] = _evaluate(statement.value, values)
-                        if isinstance(statement, ast.AugAssign):
-                            raise TypeError
-                    except Exception:
-                        if target.id not in arguments:
-                            values.pop(target.id, None)
-        elif isinstance(statement, ast.If):
+        if isinstance(statement, ast.If):
             try:
                 branch = statement.body if _evaluate(statement.test, values) else statement.orelse
             except Exception:
                 continue
             _run_assignments(branch, line, values, wanted, arguments)
+        for name in set(_assigned_names(statement)) & wanted:
+            try:
+                if isinstance(statement, ast.AugAssign):  # `x += ...` is not followed
+                    raise NotImplementedError
+                values[name] = _evaluate(statement.value, values)
+            except Exception:
+                if name not in arguments:
+                    values.pop(name, None)
 
 
 def _call_values(pipeline: DiffusionPipeline, prompts: list[str], call_kwargs: dict) -> dict:
@@ -476,22 +485,17 @@ def _site_values(pipeline: DiffusionPipeline, site: EncodePromptCall, values: di
     """The value of each variable `site` passes, as `__call__` sets it before the call from the call's own values
     (`cut_context = True`; `batch_size = len(prompt)`); unknown variables are left out."""
     function = _call_source(type(pipeline))
-    wanted = set(site.variables.values())
-    # and the variables those are computed from
-    assignments = [
-        node for node in ast.walk(function) if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign) and node.value
-    ]
-    while True:
+    assignments = [node for node in ast.walk(function) if _assigned_names(node)]
+    wanted, more = set(), set(site.variables.values())
+    while more:  # the variables passed, and those they are computed from
+        wanted |= more
         more = {
             name.id
             for node in assignments
-            if any(isinstance(t, ast.Name) and t.id in wanted for t in getattr(node, "targets", [getattr(node, "target", None)]))
+            if wanted & set(_assigned_names(node))
             for name in ast.walk(node.value)
             if isinstance(name, ast.Name)
         } - wanted
-        if not more:
-            break
-        wanted |= more
     local = dict(values)
     _run_assignments(function.body, site.line, local, wanted, set(values))
     return {argument: local[variable] for argument, variable in site.variables.items() if variable in local}
@@ -533,8 +537,10 @@ def _conditioning_sites(pipeline: DiffusionPipeline) -> list[EncodePromptCall]:
     sites = []
     for site in encode_prompt_call_sites(type(pipeline)):
         if takes_prompt_as_text(pipeline) and site.variables.get("prompt", "prompt") == "prompt":
-            kept = tuple(name if "embeds" in name or "mask" in name else None for name in site.names)
-            kept = tuple(None if name and name.startswith("negative") else name for name in kept)
+            kept = tuple(
+                name if name and ("embeds" in name or "mask" in name) and not name.startswith("negative") else None
+                for name in site.names
+            )
         else:
             kept = tuple(name if name in parameters else None for name in site.names)
         if any(kept):
@@ -557,6 +563,15 @@ def _encode(pipeline: DiffusionPipeline, prompts: list[str], call_kwargs: dict) 
         else:
             encoded.update(_sort_unnamed_outputs(pipeline, outputs, len(prompts)))
     return encoded
+
+
+def _negative_prompts(values: dict, call_kwargs: dict) -> dict:
+    """The negative prompts the call gives (`negative_prompt`, `negative_prompt_2`, ...), one per prompt."""
+    return {
+        name: values[name]
+        for name, value in call_kwargs.items()
+        if name.startswith("negative") and ENCODED_PROMPT_ARGUMENT.fullmatch(name) and value is not None
+    }
 
 
 def _sort_unnamed_outputs(pipeline: DiffusionPipeline, outputs: tuple, batch_size: int) -> dict:
@@ -606,7 +621,9 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
     name: `prompt_embeds`, and where the family has them pooled embeddings, attention masks of any dtype, a second
     encoder's embeddings (HunyuanDiT's `prompt_embeds_2`), HiDream's `prompt_embeds_t5` / `prompt_embeds_llama3`,
     Z-Image's list of variable-length embeddings, and the negative prompts' counterparts (the call's `negative_prompt`,
-    else the pipeline's default). Call the pipeline `without_encoded_prompts`.
+    else the pipeline's default), encoded where the pipeline encodes them (beside the prompt, or in a call of their
+    own: Flux's true CFG). The prompts of a pipeline that takes no embeddings (Bria FIBO) are returned as text, one per
+    prompt, and their embeddings only for the generator. Call the pipeline `without_encoded_prompts`.
 
     Every value has one row per prompt first (tensors are moved so, cumulative lengths made lengths; lists have one
     entry per prompt):
@@ -631,13 +648,15 @@ def encode_prompts(pipeline: DiffusionPipeline, prompts: list[str], **call_kwarg
         encoded.update({
             name: value for name, value in values.items() if ENCODED_PROMPT_ARGUMENT.fullmatch(name) and value is not None
         })
-    negative = [name for name in call_kwargs if name.startswith("negative") and ENCODED_PROMPT_ARGUMENT.fullmatch(name)]
-    negative_embeds = any(name.startswith("negative") and name not in negative for name in encoded)
-    if any(call_kwargs[name] is not None for name in negative) and not (negative_embeds or takes_prompt_as_text(pipeline)):
+    negative_prompts = _negative_prompts(values, call_kwargs)
+    if negative_prompts and type(pipeline).__name__ in NEGATIVE_PROMPTS_AS_TEXT:
+        encoded = {name: value for name, value in encoded.items() if not name.startswith("negative")}
+        encoded.update(negative_prompts)
+    elif negative_prompts and not any(name.startswith("negative") for name in encoded):
         raise ValueError(
-            f"{type(pipeline).__name__} does not return the embeddings of `{negative[0]}` under an argument of its "
-            f"`__call__`, so Noise PPO cannot pass it on; call without `{negative[0]}`, and please open an issue with "
-            "the pipeline class."
+            f"{type(pipeline).__name__} does not return the embeddings of `{next(iter(negative_prompts))}` under an "
+            "argument of its `__call__`, so Noise PPO cannot pass it on; call without it, and please open an issue "
+            "with the pipeline class."
         )
     for name, axis in _batch_axes(pipeline, prompts[0], call_kwargs).items():
         if name in encoded:
