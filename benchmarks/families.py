@@ -234,7 +234,7 @@ def table(quiet: bool) -> str:
     header = "| pipeline class | tiny build | call arguments | `latents`, batch 1 | layout | generator reads | negative prompt |"
     return "\n".join([
         counts, "", "### Exact", "", header, "|---|---|---|---|---|---|---|", *exact, "",
-        "### Not exact", "", header[:-1] + " what differs |", "|---|---|---|---|---|---|---|---|", *not_exact, "",
+        "### Not exact", "", header + " what differs |", "|---|---|---|---|---|---|---|---|", *not_exact, "",
         "### Refused", "", "| pipeline class | refused at construction with |", "|---|---|", *refused, "",
         "### Not built", "", "| pipeline class | why |", "|---|---|", *not_built,
     ])
