@@ -526,7 +526,8 @@ def _encode_prompt_kwargs(pipeline: DiffusionPipeline, site: EncodePromptCall, v
 def takes_prompt_as_text(pipeline: DiffusionPipeline) -> bool:
     """Whether `pipeline.__call__` takes no embeddings at all (Bria FIBO), so that its prompts go to it as text and their
     embeddings only to the noise generator."""
-    return not any("embeds" in name for name in call_parameters(pipeline))
+    parameters = call_parameters(pipeline)
+    return "prompt" in parameters and not any("embeds" in name for name in parameters)
 
 
 def _conditioning_sites(pipeline: DiffusionPipeline) -> list[EncodePromptCall]:
@@ -682,11 +683,10 @@ def pipeline_arguments(pipeline: DiffusionPipeline, conditioning: dict) -> dict:
         return value.movedim(0, axes[name]) if name in axes else value
 
     parameters = call_parameters(pipeline)
+    if takes_prompt_as_text(pipeline):
+        conditioning = {name: value for name, value in conditioning.items() if name in parameters}
     encoded_prompts = {name: None for name in parameters if ENCODED_PROMPT_ARGUMENT.fullmatch(name)}
-    return {
-        **encoded_prompts,
-        **{name: as_taken(name, value) for name, value in conditioning.items() if name in parameters},
-    }
+    return {**encoded_prompts, **{name: as_taken(name, value) for name, value in conditioning.items()}}
 
 
 def repeat_rows(conditioning: dict, repeats: int) -> dict:
