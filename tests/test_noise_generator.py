@@ -1,9 +1,10 @@
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig
+from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_generator import load_noise_generator, pipeline_noise
 
 
@@ -149,3 +150,19 @@ def test_damaged_generator_folders_are_explained(tmp_path):
 
     with pytest.raises(ValueError, match="hidden_dim=66 is not divisible by 4"):
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=32, hidden_dim=66, architecture="token_attention"))
+
+
+def test_a_new_generator_config_defaults_to_what_the_trainer_builds():
+    """A generator built by hand and one the trainer builds from NoisePPOConfig's defaults are the same policy."""
+    trainer_defaults = {field.name: field.default for field in dataclasses.fields(NoisePPOConfig)}
+    config = NoiseGeneratorConfig()
+    assert config.learn_sigma == trainer_defaults["learn_sigma"] is True
+    assert config.project_to_shell == trainer_defaults["project_to_shell"]
+    for name in ("architecture", "hidden_dim", "grid_size", "grid_channels"):
+        assert getattr(config, name) == trainer_defaults[f"generator_{name}"], name
+
+
+def test_load_noise_generator_is_exported():
+    import trl_noise_ppo
+
+    assert trl_noise_ppo.load_noise_generator is load_noise_generator and "load_noise_generator" in trl_noise_ppo.__all__
