@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image
 
 from tests.tiny_pipelines import build_pipeline
@@ -103,6 +104,30 @@ def test_train_lora_adapters_on_a_trained_generator(tmp_path, tiny_sd, prompt_fi
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(base)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_train_with_push_to_hub_uploads_once_with_the_model_card_naming_the_dataset(tmp_path, tiny_sd, monkeypatch):
+    from trl_noise_ppo.scripts import train
+
+    uploads = []
+
+    class FakeHub:
+        def create_repo(self, repo_name, **kwargs):
+            return type("RepoUrl", (), {"repo_id": f"user/{repo_name}"})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append((Path(folder_path) / "README.md").read_text())
+
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: FakeHub())
+    monkeypatch.setattr(train, "load_prompt_dataset", lambda args: Dataset.from_dict({"prompt": ["a cat", "a dog"]}))
+    args = train.make_parser().parse_args_and_config([
+        "--pipeline_name_or_path", str(tiny_sd), "--dataset_name", "user/prompts", "--reward_funcs", "jpeg_compressibility",
+        "--num_inference_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_steps", "1",
+        "--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--push_to_hub", "True",
+    ])
+    train.main(*args)
+    (card,) = uploads
+    assert "datasets: user/prompts" in card
 
 
 @pytest.mark.parametrize(

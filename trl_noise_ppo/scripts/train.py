@@ -105,14 +105,17 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
     resume = training_args.resume_from_checkpoint
     # `--resume_from_checkpoint True` (a string on the command line): the last checkpoint in output_dir
     trainer.train(resume_from_checkpoint=True if resume in ("True", "true") else resume)
-    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        # push_to_hub saves the model and its card, then uploads once (save_model would push a first time, without
+        # the dataset). The card names a Hub dataset; a local file means nothing to readers of the card.
+        hub_dataset = None if os.path.exists(prompt_args.dataset_name) else prompt_args.dataset_name
+        trainer.push_to_hub(dataset_name=hub_dataset)
+    else:
+        trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(
         f"Trained on {trainer.accelerator.num_processes} process(es); noise generator saved to {training_args.output_dir}."
     )
     if training_args.push_to_hub:
-        # the model card names a Hub dataset; a local file means nothing to readers of the card
-        hub_dataset = None if os.path.exists(prompt_args.dataset_name) else prompt_args.dataset_name
-        trainer.push_to_hub(dataset_name=hub_dataset)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
     # every process must be done with the group (the main one writes the model card) before any destroys it: a rank
     # tearing down gloo while its peer still saves was seen to hang the peer forever
