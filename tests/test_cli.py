@@ -16,7 +16,6 @@ from PIL import Image
 from tests.tiny_pipelines import build_pipeline
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOPipeline
 from trl_noise_ppo.cli import main
-from trl_noise_ppo.scripts.evaluate import interval
 from trl_noise_ppo.scripts.utils import PromptArguments, load_prompt_dataset, load_prompts, reward_funcs_from_names
 
 
@@ -54,6 +53,7 @@ def generator_for(pipeline_folder: Path, output_folder: Path, perturbed: bool) -
         prompt_embeds_dim=text_encoder.config.hidden_size,
         base_pipeline=str(pipeline_folder),
         pipeline_class="StableDiffusionPipeline",
+        learn_sigma=False,  # perturbed, a learned log-sigma head would make sigma overflow
     )
     generator = NoiseGenerator(config)
     if perturbed:
@@ -255,11 +255,32 @@ def test_evaluate_names_missing_reward_weights_before_loading_anything(tmp_path,
               "imagereward", "--prompts", "a red circle", "--output_dir", str(tmp_path / "eval")])
 
 
-def test_interval_leaves_out_unscored_images():
-    stats = interval([1.0, float("nan"), 3.0])
-    assert stats["n"] == 2 and stats["mean"] == 2.0
-    np.testing.assert_allclose(stats["ci95"], [2.0 - 1.959964, 2.0 + 1.959964])  # s = sqrt(2), n = 2
-    assert interval([float("nan"), 5.0]) == {"mean": 5.0, "std": None, "n": 1, "ci95": None}
+def test_evaluate_push_to_hub_writes_the_table_into_the_card_and_uploads_the_folder(tmp_path, tiny_sd, monkeypatch):
+    uploads = []
+
+    class FakeHub:
+        def create_repo(self, repo_name, **kwargs):
+            return type("RepoUrl", (), {"repo_id": f"user/{repo_name}"})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append((repo_id, (Path(folder_path) / "README.md").read_text()))
+
+    monkeypatch.setattr("trl_noise_ppo.scripts.evaluate.HfApi", FakeHub)
+    generator = generator_for(tiny_sd, tmp_path / "generator", perturbed=True)
+    (generator / "README.md").write_text("# Noise generator\n\n## Training procedure\n\nTrained.\n")
+    evaluate(tmp_path, generator, steps=("1",), extra=["--push_to_hub", "True"])
+    evaluate(tmp_path, generator, steps=("2",), extra=["--update_model_card", "True"])  # replaces the section
+
+    ((repo_id, pushed_card),) = uploads
+    assert repo_id == "user/generator"
+    assert "## Evaluation" in pushed_card and "| 1 | darkness (judge) |" in pushed_card and "2 prompts" in pushed_card
+    card = (generator / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "| 2 | darkness (judge) |" in card and "| 1 | darkness" not in card
+    assert card.index("## Evaluation") < card.index("## Training procedure") and "Trained." in card
+
+    with pytest.raises(ValueError, match="--update_model_card writes into the generator's folder"):
+        main(["evaluate", "--noise_generator", "user/generator", "--reward_funcs", "jpeg_compressibility",
+              "--prompts", "a cat", "--update_model_card", "True"])
 
 
 # ---- generate ----
