@@ -87,7 +87,11 @@ def test_train_on_two_processes(tmp_path, tiny_sd, prompt_file):
     assert "Trained on 2 process(es)" in result.stdout
     generator = NoiseGenerator.from_pretrained(tmp_path / "out")
     assert any(parameter.abs().sum() > 0 for name, parameter in generator.named_parameters() if "head" in name)
-    assert "2506.12036" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2506.12036" in card
+    # the command that trained it, and its config file
+    assert f"trl-noise-ppo train --config {config} --multi_gpu --use_cpu True --dtype float32" in card
+    assert "reward_funcs: [jpeg_compressibility]" in card
 
 
 def test_train_lora_adapters_on_a_trained_generator(tmp_path, tiny_sd, prompt_file):

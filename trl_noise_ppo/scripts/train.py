@@ -9,9 +9,11 @@ examples/accelerate_configs/multi_gpu.yaml`, go to accelerate), or directly as
 
 import ctypes
 import os
+import shlex
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from datasets import Dataset
 from trl import TrlParser
@@ -19,6 +21,10 @@ from trl import TrlParser
 from ..noise_ppo_config import NoisePPOConfig
 from ..noise_ppo_trainer import NoisePPOTrainer
 from .utils import ModelArguments, PromptArguments, check_local_path, load_pipeline, load_prompt_dataset, reward_funcs_from_names
+
+
+# `trl-noise-ppo train` puts its command line here for the model card (the training processes see only their part)
+COMMAND_VARIABLE = "TRL_NOISE_PPO_COMMAND"
 
 
 @dataclass
@@ -102,6 +108,7 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
         noise_generator=train_args.noise_generator_name_or_path,
         peft_config=lora_config(train_args),
     )
+    trainer.training_command, trainer.training_config = training_command(sys.argv[1:])
     resume = training_args.resume_from_checkpoint
     # `--resume_from_checkpoint True` (a string on the command line): the last checkpoint in output_dir
     trainer.train(resume_from_checkpoint=True if resume in ("True", "true") else resume)
@@ -121,6 +128,17 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
     # tearing down gloo while its peer still saves was seen to hang the peer forever
     trainer.accelerator.wait_for_everyone()
     trainer.end()
+
+
+def training_command(argv: list[str]) -> tuple[str, str | None]:
+    """The command line that trains (the `trl-noise-ppo train` one when it launched this process), and the text of the
+    `--config` file it names, if any, for the model card."""
+    command = os.environ.get(COMMAND_VARIABLE) or shlex.join(["accelerate", "launch", "-m", "trl_noise_ppo.scripts.train", *argv])
+    argv = shlex.split(command)
+    config = next((arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")), None)
+    if "--config" in argv[:-1]:
+        config = argv[argv.index("--config") + 1]
+    return command, Path(config).read_text().strip() if config and os.path.isfile(config) else None
 
 
 def die_with_launcher() -> None:
