@@ -128,10 +128,13 @@ def test_train_with_push_to_hub_uploads_once_with_the_model_card_naming_the_data
         "--pipeline_name_or_path", str(tiny_sd), "--dataset_name", "user/prompts", "--reward_funcs", "jpeg_compressibility",
         "--num_inference_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_steps", "1",
         "--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--push_to_hub", "True",
+        "--eval_dataset_split", "test", "--eval_strategy", "steps", "--eval_steps", "1", "--num_generations_eval", "2",
+        "--judge_funcs", "tests.test_cli.darkness",
     ])
     train.main(*args)
     (card,) = uploads
     assert "datasets: user/prompts" in card
+    assert "At step 1 of training, on 2 evaluation prompts x 2 images" in card and "| 1 | darkness (judge) |" in card
 
 
 @pytest.mark.parametrize(
@@ -144,12 +147,14 @@ def test_train_with_push_to_hub_uploads_once_with_the_model_card_naming_the_data
         ({"--dataset_name": "missing.txt"}, "The prompt dataset 'missing.txt' does not exist"),
         ({"--pipeline": "./missing_pipeline"}, "The pipeline './missing_pipeline' does not exist"),
         ({"--learnin_rate": "1e-3"}, r"Unknown argument\(s\) \['--learnin_rate'\]"),
+        ({"--eval_strategy": "steps"}, "eval_strategy is 'steps' but no evaluation prompts are given: pass --eval_dataset_name"),
+        ({"--judge_funcs": ["jugde"]}, "Unknown reward 'jugde'"),
         ({"--config": "missing.yaml"}, "No such file or directory: 'missing.yaml'"),
         ({"--config": "typo.yaml"}, "mapping values are not allowed here"),
         ({"--beta": "nan"}, "beta=nan"),
     ],
     ids=["unknown reward", "unimportable reward", "reward weights", "missing column", "missing prompt file",
-         "missing pipeline", "unknown argument", "missing config", "yaml typo", "bad value"],
+         "missing pipeline", "unknown argument", "no eval prompts", "unknown judge", "missing config", "yaml typo", "bad value"],
 )
 def test_train_errors_come_before_anything_loads_or_launches_as_one_line(tmp_path, tiny_sd, monkeypatch, capsys, change, message):
     monkeypatch.chdir(tmp_path)

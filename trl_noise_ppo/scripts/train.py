@@ -12,7 +12,7 @@ import os
 import shlex
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datasets import Dataset
@@ -49,6 +49,14 @@ class TrainArguments:
             LoRA scaling numerator.
         lora_target_modules (`list[str]`, *optional*, defaults to the `pooled_mlp` generator's layers):
             Names of the generator's modules that get adapters.
+        eval_dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            Evaluation prompts, as `dataset_name` takes them (same `dataset_config`, `dataset_revision` and
+            `prompt_column`). `None`: the training dataset's `eval_dataset_split`, if given.
+        eval_dataset_split (`str` or `None`, *optional*, defaults to `None`):
+            Split of the evaluation prompts, e.g. `test`; `None` uses `dataset_split`.
+        max_eval_prompts (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the first this many evaluation prompts (each evaluation samples `num_generations_eval` images
+            of each).
     """
 
     reward_funcs: list[str] | None = field(
@@ -64,6 +72,11 @@ class TrainArguments:
         default_factory=lambda: ["grid_encoder.mlp.1", "grid_encoder.mlp.3", "head"],
         metadata={"help": "Generator modules that get adapters."},
     )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Evaluation prompts, as --dataset_name takes them; default the training dataset's split."}
+    )
+    eval_dataset_split: str | None = field(default=None, metadata={"help": "Split of the evaluation prompts, e.g. test."})
+    max_eval_prompts: int | None = field(default=None, metadata={"help": "Keep only the first this many evaluation prompts."})
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -72,21 +85,36 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 def check_arguments(
     train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments
-) -> tuple[list, Dataset]:
-    """Checks everything that can be checked before the pipeline loads; returns the reward functions and the prompt
-    dataset."""
+) -> tuple[list, Dataset, Dataset | None]:
+    """Checks everything that can be checked before the pipeline loads; returns the reward functions, the prompt
+    dataset and the evaluation prompts (or None)."""
     if model_args.pipeline_name_or_path is None:
         raise ValueError("No pipeline given: pass --pipeline_name_or_path (a Hub id or a local folder).")
     check_local_path(model_args.pipeline_name_or_path, "The pipeline")
     if train_args.noise_generator_name_or_path is not None:
         check_local_path(train_args.noise_generator_name_or_path, "The noise generator")
     reward_funcs = reward_funcs_from_names(train_args.reward_funcs)
+    if training_args.judge_funcs:
+        reward_funcs_from_names(training_args.judge_funcs)  # names checked and paths imported before the pipeline loads
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
         raise ValueError(
             f"{len(training_args.reward_weights)} reward_weights for {len(reward_funcs)} reward_funcs "
             f"({train_args.reward_funcs}); give one weight per reward."
         )
-    return reward_funcs, load_prompt_dataset(prompt_args)
+    eval_dataset = None
+    if train_args.eval_dataset_name is not None or train_args.eval_dataset_split is not None:
+        eval_dataset = load_prompt_dataset(replace(
+            prompt_args,
+            dataset_name=train_args.eval_dataset_name or prompt_args.dataset_name,
+            dataset_split=train_args.eval_dataset_split or prompt_args.dataset_split,
+            max_prompts=train_args.max_eval_prompts,
+        ))
+    elif training_args.eval_strategy != "no":
+        raise ValueError(
+            f"eval_strategy is {training_args.eval_strategy.value!r} but no evaluation prompts are given: pass "
+            "--eval_dataset_name (a file or Hub dataset) or --eval_dataset_split (a split of --dataset_name)."
+        )
+    return reward_funcs, load_prompt_dataset(prompt_args), eval_dataset
 
 
 def lora_config(train_args: TrainArguments):
@@ -98,13 +126,14 @@ def lora_config(train_args: TrainArguments):
 
 
 def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments):
-    reward_funcs, dataset = check_arguments(train_args, training_args, model_args, prompt_args)
+    reward_funcs, dataset, eval_dataset = check_arguments(train_args, training_args, model_args, prompt_args)
     pipeline = load_pipeline(model_args, training_args.device)
     trainer = NoisePPOTrainer(
         pipeline=pipeline,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         noise_generator=train_args.noise_generator_name_or_path,
         peft_config=lora_config(train_args),
     )
