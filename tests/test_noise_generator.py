@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,14 @@ def test_load_noise_generator_is_exported():
     import trl_noise_ppo
 
     assert trl_noise_ppo.load_noise_generator is load_noise_generator and "load_noise_generator" in trl_noise_ppo.__all__
+
+
+def test_the_method_page_states_the_generators_measured_size():
+    """docs/method.md gives the default generator's parameter count for SD 1.5 and SDXL noise."""
+    sizes = {}
+    for name, tokens, pooled, side in (("SD 1.5", 768, None, 64), ("SDXL", 2048, 1280, 128)):
+        config = NoiseGeneratorConfig(noise_shape=[4, side, side], prompt_embeds_dim=tokens, pooled_prompt_embeds_dim=pooled)
+        sizes[name] = NoiseGenerator(config).num_parameters()
+    assert sizes == {"SD 1.5": 1_366_472, "SDXL": 2_063_880}
+    method = (Path(__file__).parent.parent / "docs" / "method.md").read_text()
+    assert "1.37M parameters for SD 1.5 and 2.06M for SDXL" in method
