@@ -179,6 +179,8 @@ def test_evaluation_settings_are_checked_before_any_sampling(tmp_path):
     with pytest.raises(ValueError, match=r"The eval_dataset\['heldout'\] has no `prompt` column"):
         NoisePPOTrainer(pipe, brightness, train_dataset=PROMPTS, eval_dataset={"heldout": Dataset.from_dict({"text": ["a"]})},
                         args=make_config(tmp_path))
+    with pytest.raises(ValueError, match="evaluate needs prompts: give the trainer an eval_dataset"):
+        NoisePPOTrainer(pipe, brightness, train_dataset=PROMPTS, args=make_config(tmp_path)).evaluate()
     with pytest.raises(ValueError, match="num_generations_eval must be at least 1"):
         make_config(tmp_path, num_generations_eval=0)
 
@@ -193,6 +195,9 @@ def test_judges_by_name_and_several_evaluation_datasets(tmp_path):
         for name in ("rewards/brightness", "judges/jpeg_compressibility", "judges/darkness"):
             assert metrics[f"{prefix}_{name}/gain"] == 0.0  # untrained
     assert metrics["eval_heldout_rewards/brightness/base"] != metrics["eval_training_rewards/brightness/base"]
+    trainer.save_model()
+    card = (Path(args.output_dir) / "README.md").read_text()
+    assert "on 3 evaluation prompts (heldout) x 2 images" in card and "on 4 evaluation prompts (training) x 2 images" in card
 
 
 def test_eval_steps_default_to_save_steps():

@@ -560,6 +560,8 @@ class NoisePPOTrainer(_BaseTrainer):
                 for name, subset in dataset.items()
                 for key, value in self.evaluate(subset, ignore_keys, f"{metric_key_prefix}_{name}").items()
             }
+        if dataset is None:
+            raise ValueError("evaluate needs prompts: give the trainer an eval_dataset (a Dataset with a `prompt` column), or evaluate one.")
         _check_prompt_dataset(dataset, "eval_dataset")
         start_time = time.time()
         cache_key = (metric_key_prefix, getattr(dataset, "_fingerprint", id(dataset)))
@@ -785,7 +787,8 @@ class NoisePPOTrainer(_BaseTrainer):
                        and any(key.endswith("_num_prompts") for key in entry)]
         if not evaluations:
             return None
-        entry = evaluations[-1]
+        # several evaluation datasets log one entry each
+        entry = {key: value for logged in evaluations if logged["step"] == evaluations[-1]["step"] for key, value in logged.items()}
         sections = []
         for key in sorted(key for key in entry if key.endswith("_num_prompts")):
             prefix = key.removesuffix("_num_prompts")
