@@ -149,7 +149,7 @@ def test_diffusers_alone_loads_a_saved_folder_as_the_noise_ppo_pipeline_or_refus
     seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     reference = NoisePPOPipeline.from_pretrained(tmp_path / "tuned")
     for dtype in (None, torch.bfloat16):
-        kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        kwargs = {} if dtype is None else {"dtype": dtype}
         loaded = DiffusionPipeline.from_pretrained(tmp_path / "tuned", trust_remote_code=True, **kwargs)
         assert isinstance(loaded, NoisePPOPipeline) and type(loaded.pipeline) is type(pipe)
         assert loaded.noise_generator.dtype == torch.float32 and loaded.pipeline.dtype == (dtype or torch.float32)

@@ -234,7 +234,7 @@ class NoisePPODiffusionPipeline(DiffusionPipeline):
     def __new__(cls, pipeline: DiffusionPipeline, noise_generator: NoiseGenerator) -> NoisePPOPipeline:
         dtype = noise_generator.dtype
         if dtype != torch.float32:
-            # diffusers gave the generator the `torch_dtype` asked for, and not the nested pipeline; the generator runs
+            # diffusers gave the generator the dtype asked for, and not the nested pipeline; the generator runs
             # in float32, so it is read again from the folder (pipeline/'s neighbour), and the pipeline takes the dtype
             folder = os.path.dirname(os.path.normpath(pipeline.name_or_path))
             noise_generator = load_noise_generator(os.path.join(folder, NOISE_GENERATOR_FOLDER))
