@@ -27,21 +27,27 @@ setup(
             "shapes/weights/*/*/*.safetensors",
         ]
     },
+    # Upper bounds where the package relies on private code (tests/test_private_api.py names each symbol): diffusers'
+    # pipeline internals and transformers' Trainer methods, up to the newest minor versions tested.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "trl>=1.16,<2",
         "diffusers>=0.42,<0.43",
-        "transformers>=5.24",
+        "transformers>=5.24,<5.26",
         "accelerate>=1.10.1",
         "datasets>=4.7",
         "peft>=0.17",
-        "huggingface_hub>=1.0",
-        "safetensors",
-        "matplotlib",
+        "huggingface_hub>=2.4,<3",
+        "safetensors>=0.8",
+        "numpy>=1.26",
+        "pandas>=2.1",
+        "Pillow",
+        "pyyaml>=6.0.1",
         "tqdm",
     ],
     extras_require={
         "hps": ["ftfy"],  # the HPSv2 reward's prompt cleaning, as open_clip's
+        "examples": ["matplotlib"],  # examples/quickstart.py's reward curve, and the benchmarks' plots
         "test": ["pytest", "ftfy", "sentencepiece"],
         "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings-python==2.0.11"],
     },

@@ -32,7 +32,7 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from trl_noise_ppo import NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer  # noqa: E402
-from trl_noise_ppo.scripts.evaluate import interval as evaluate_interval  # noqa: E402
+from trl_noise_ppo.evaluation import interval as evaluate_interval  # noqa: E402
 from trl_noise_ppo.shapes import (  # noqa: E402
     RECOMMENDED_GUIDANCE_SCALES,
     SHAPES_PIPELINE_PATH,

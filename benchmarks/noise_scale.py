@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from trl import TrlParser
 
-from trl_noise_ppo.scripts.evaluate import interval
+from trl_noise_ppo.evaluation import interval
 from trl_noise_ppo.shapes import SHAPES_PIPELINE_PATH, ShapesJudge, balanced_prompts
 
 

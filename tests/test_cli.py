@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image
 
 from tests.tiny_pipelines import build_pipeline
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOPipeline
 from trl_noise_ppo.cli import main
-from trl_noise_ppo.scripts.evaluate import interval
 from trl_noise_ppo.scripts.utils import PromptArguments, load_prompt_dataset, load_prompts, reward_funcs_from_names
 
 
@@ -53,6 +53,7 @@ def generator_for(pipeline_folder: Path, output_folder: Path, perturbed: bool) -
         prompt_embeds_dim=text_encoder.config.hidden_size,
         base_pipeline=str(pipeline_folder),
         pipeline_class="StableDiffusionPipeline",
+        learn_sigma=False,  # perturbed, a learned log-sigma head would make sigma overflow
     )
     generator = NoiseGenerator(config)
     if perturbed:
@@ -86,7 +87,11 @@ def test_train_on_two_processes(tmp_path, tiny_sd, prompt_file):
     assert "Trained on 2 process(es)" in result.stdout
     generator = NoiseGenerator.from_pretrained(tmp_path / "out")
     assert any(parameter.abs().sum() > 0 for name, parameter in generator.named_parameters() if "head" in name)
-    assert "2506.12036" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2506.12036" in card
+    # the command that trained it, and its config file
+    assert f"trl-noise-ppo train --config {config} --multi_gpu --use_cpu True --dtype float32" in card
+    assert "reward_funcs: [jpeg_compressibility]" in card
 
 
 def test_train_lora_adapters_on_a_trained_generator(tmp_path, tiny_sd, prompt_file):
@@ -105,6 +110,33 @@ def test_train_lora_adapters_on_a_trained_generator(tmp_path, tiny_sd, prompt_fi
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_train_with_push_to_hub_uploads_once_with_the_model_card_naming_the_dataset(tmp_path, tiny_sd, monkeypatch):
+    from trl_noise_ppo.scripts import train
+
+    uploads = []
+
+    class FakeHub:
+        def create_repo(self, repo_name, **kwargs):
+            return type("RepoUrl", (), {"repo_id": f"user/{repo_name}"})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append((Path(folder_path) / "README.md").read_text())
+
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: FakeHub())
+    monkeypatch.setattr(train, "load_prompt_dataset", lambda args: Dataset.from_dict({"prompt": ["a cat", "a dog"]}))
+    args = train.make_parser().parse_args_and_config([
+        "--pipeline_name_or_path", str(tiny_sd), "--dataset_name", "user/prompts", "--reward_funcs", "jpeg_compressibility",
+        "--num_inference_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_steps", "1",
+        "--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--push_to_hub", "True",
+        "--eval_dataset_split", "test", "--eval_strategy", "steps", "--eval_steps", "1", "--num_generations_eval", "2",
+        "--judge_funcs", "tests.test_cli.darkness",
+    ])
+    train.main(*args)
+    (card,) = uploads
+    assert "datasets: user/prompts" in card
+    assert "At step 1 of training, on 2 evaluation prompts x 2 images" in card and "| 1 | darkness (judge) |" in card
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -115,12 +147,14 @@ def test_train_lora_adapters_on_a_trained_generator(tmp_path, tiny_sd, prompt_fi
         ({"--dataset_name": "missing.txt"}, "The prompt dataset 'missing.txt' does not exist"),
         ({"--pipeline": "./missing_pipeline"}, "The pipeline './missing_pipeline' does not exist"),
         ({"--learnin_rate": "1e-3"}, r"Unknown argument\(s\) \['--learnin_rate'\]"),
+        ({"--eval_strategy": "steps"}, "eval_strategy is 'steps' but no evaluation prompts are given: pass --eval_dataset_name"),
+        ({"--judge_funcs": ["jugde"]}, "Unknown reward 'jugde'"),
         ({"--config": "missing.yaml"}, "No such file or directory: 'missing.yaml'"),
         ({"--config": "typo.yaml"}, "mapping values are not allowed here"),
         ({"--beta": "nan"}, "beta=nan"),
     ],
     ids=["unknown reward", "unimportable reward", "reward weights", "missing column", "missing prompt file",
-         "missing pipeline", "unknown argument", "missing config", "yaml typo", "bad value"],
+         "missing pipeline", "unknown argument", "no eval prompts", "unknown judge", "missing config", "yaml typo", "bad value"],
 )
 def test_train_errors_come_before_anything_loads_or_launches_as_one_line(tmp_path, tiny_sd, monkeypatch, capsys, change, message):
     monkeypatch.chdir(tmp_path)
@@ -230,11 +264,32 @@ def test_evaluate_names_missing_reward_weights_before_loading_anything(tmp_path,
               "imagereward", "--prompts", "a red circle", "--output_dir", str(tmp_path / "eval")])
 
 
-def test_interval_leaves_out_unscored_images():
-    stats = interval([1.0, float("nan"), 3.0])
-    assert stats["n"] == 2 and stats["mean"] == 2.0
-    np.testing.assert_allclose(stats["ci95"], [2.0 - 1.959964, 2.0 + 1.959964])  # s = sqrt(2), n = 2
-    assert interval([float("nan"), 5.0]) == {"mean": 5.0, "std": None, "n": 1, "ci95": None}
+def test_evaluate_push_to_hub_writes_the_table_into_the_card_and_uploads_the_folder(tmp_path, tiny_sd, monkeypatch):
+    uploads = []
+
+    class FakeHub:
+        def create_repo(self, repo_name, **kwargs):
+            return type("RepoUrl", (), {"repo_id": f"user/{repo_name}"})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append((repo_id, (Path(folder_path) / "README.md").read_text()))
+
+    monkeypatch.setattr("trl_noise_ppo.scripts.evaluate.HfApi", FakeHub)
+    generator = generator_for(tiny_sd, tmp_path / "generator", perturbed=True)
+    (generator / "README.md").write_text("# Noise generator\n\n## Training procedure\n\nTrained.\n")
+    evaluate(tmp_path, generator, steps=("1",), extra=["--push_to_hub", "True"])
+    evaluate(tmp_path, generator, steps=("2",), extra=["--update_model_card", "True"])  # replaces the section
+
+    ((repo_id, pushed_card),) = uploads
+    assert repo_id == "user/generator"
+    assert "## Evaluation" in pushed_card and "| 1 | darkness (judge) |" in pushed_card and "2 prompts" in pushed_card
+    card = (generator / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "| 2 | darkness (judge) |" in card and "| 1 | darkness" not in card
+    assert card.index("## Evaluation") < card.index("## Training procedure") and "Trained." in card
+
+    with pytest.raises(ValueError, match="--update_model_card writes into the generator's folder"):
+        main(["evaluate", "--noise_generator", "user/generator", "--reward_funcs", "jpeg_compressibility",
+              "--prompts", "a cat", "--update_model_card", "True"])
 
 
 # ---- generate ----

@@ -22,3 +22,11 @@ def test_docs_build_strictly(tmp_path):
                  "rewards.PickScoreReward", "rewards.call_reward_funcs", "image_logging.log_images"):
         assert f'id="trl_noise_ppo.{name}"' in api, name
     assert "num_generations" in api and "sample_batch_size" in api
+
+
+def test_the_command_line_page_lists_every_built_in_reward():
+    from trl_noise_ppo.rewards import REWARDS
+
+    cli = (REPO / "docs" / "cli.md").read_text()
+    rewards_bullet = cli.split("- **the rewards**", 1)[1].split("\n- **", 1)[0]
+    assert [name for name in REWARDS if f"`{name}`" not in rewards_bullet] == []

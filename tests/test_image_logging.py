@@ -70,6 +70,9 @@ def test_logs_once_per_interval(trackers):
         trainer.state.global_step = step
         log_images(trainer, IMAGES, PROMPTS, REWARDS)
     assert [logged["samples"].dataframe["step"][0] for logged in trackers["wandb"].logged] == [0, 12, 20]
+    # the step axis the Trainer's own tracker callbacks log the metrics against, so the tables line up with them
+    for tracker in trackers.values():
+        assert [logged["train/global_step"] for logged in tracker.logged] == [0, 12, 20]
 
 
 def test_at_most_max_images(trackers):

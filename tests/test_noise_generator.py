@@ -1,9 +1,11 @@
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig
+from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_generator import load_noise_generator, pipeline_noise
 
 
@@ -170,3 +172,30 @@ def test_damaged_generator_folders_are_explained(tmp_path):
 
     with pytest.raises(ValueError, match="hidden_dim=66 is not divisible by 4"):
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=32, hidden_dim=66, architecture="token_attention"))
+
+
+def test_a_new_generator_config_defaults_to_what_the_trainer_builds():
+    """A generator built by hand and one the trainer builds from NoisePPOConfig's defaults are the same policy."""
+    trainer_defaults = {field.name: field.default for field in dataclasses.fields(NoisePPOConfig)}
+    config = NoiseGeneratorConfig()
+    assert config.learn_sigma == trainer_defaults["learn_sigma"] is True
+    assert config.project_to_shell == trainer_defaults["project_to_shell"]
+    for name in ("architecture", "hidden_dim", "grid_size", "grid_channels"):
+        assert getattr(config, name) == trainer_defaults[f"generator_{name}"], name
+
+
+def test_load_noise_generator_is_exported():
+    import trl_noise_ppo
+
+    assert trl_noise_ppo.load_noise_generator is load_noise_generator and "load_noise_generator" in trl_noise_ppo.__all__
+
+
+def test_the_method_page_states_the_generators_measured_size():
+    """docs/method.md gives the default generator's parameter count for SD 1.5 and SDXL noise."""
+    sizes = {}
+    for name, tokens, pooled, side in (("SD 1.5", 768, None, 64), ("SDXL", 2048, 1280, 128)):
+        config = NoiseGeneratorConfig(noise_shape=[4, side, side], prompt_embeds_dim=tokens, pooled_prompt_embeds_dim=pooled)
+        sizes[name] = NoiseGenerator(config).num_parameters()
+    assert sizes == {"SD 1.5": 1_366_472, "SDXL": 2_063_880}
+    method = (Path(__file__).parent.parent / "docs" / "method.md").read_text()
+    assert "1.37M parameters for SD 1.5 and 2.06M for SDXL" in method

@@ -1,9 +1,10 @@
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 
 from tests.tiny_pipelines import build_pipeline
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOPipeline
-from trl_noise_ppo.noise_injection import encode_prompts
+from trl_noise_ppo.noise_injection import discover_noise_spec, encode_prompts, generator_config_for
 
 
 CALL = {"num_inference_steps": 2, "output_type": "pt"}
@@ -92,8 +93,11 @@ def test_save_and_load_round_trip(tmp_path):
 
     tuned.save_pretrained(tmp_path / "tuned")
     tuned.noise_generator.save_pretrained(tmp_path / "generator")
+    pipe.save_pretrained(tmp_path / "earlier-layout")  # the layout earlier versions saved: the pipeline at the root
+    tuned.noise_generator.save_pretrained(tmp_path / "earlier-layout" / "noise_generator")
     loaded = [
         NoisePPOPipeline.from_pretrained(tmp_path / "tuned"),
+        NoisePPOPipeline.from_pretrained(tmp_path / "earlier-layout"),
         NoisePPOPipeline.from_pretrained(tmp_path / "generator"),
         NoisePPOPipeline.from_pretrained(tmp_path / "base", noise_generator=str(tmp_path / "generator")),
     ]
@@ -117,3 +121,42 @@ def test_save_refuses_a_model_folder(tmp_path):
     generator.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds a model"):
         NoisePPOPipeline(pipe, generator).save_pretrained(tmp_path)
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """diffusers copies a folder's pipeline code into its modules cache before importing it: a temporary one here."""
+    import diffusers.utils.dynamic_modules_utils as dynamic_modules
+
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    return tmp_path / "modules"
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
+def test_diffusers_alone_loads_a_saved_folder_as_the_noise_ppo_pipeline_or_refuses(family, tmp_path, modules_cache):
+    pipe = build_pipeline(family)
+    call = {**CALL, "height": 64, "width": 64}  # a tiny pipeline's default size is not saved with it
+    generator = NoiseGenerator(generator_config_for(pipe, discover_noise_spec(pipe, {"prompt": "x", **call}),
+                                                    encode_prompts(pipe, ["x"])))
+    NoisePPOPipeline(pipe, perturbed(generator)).save_pretrained(tmp_path / "tuned")
+
+    # nothing loads the bare pipeline silently: diffusers asks to run the folder's loader, naming the flag
+    for loader in (DiffusionPipeline, type(pipe)):
+        with pytest.raises(ValueError, match="(?s)noise_ppo_pipeline.py.*trust_remote_code=True"):
+            loader.from_pretrained(tmp_path / "tuned")
+
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    reference = NoisePPOPipeline.from_pretrained(tmp_path / "tuned")
+    for dtype in (None, torch.bfloat16):
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        loaded = DiffusionPipeline.from_pretrained(tmp_path / "tuned", trust_remote_code=True, **kwargs)
+        assert isinstance(loaded, NoisePPOPipeline) and type(loaded.pipeline) is type(pipe)
+        assert loaded.noise_generator.dtype == torch.float32 and loaded.pipeline.dtype == (dtype or torch.float32)
+        expected = NoisePPOPipeline.from_pretrained(tmp_path / "tuned", **kwargs)
+        for pipeline in (loaded, expected):
+            pipeline.set_progress_bar_config(disable=True)
+        actual = loaded("a cat", generator=seeded(), **call).images
+        torch.testing.assert_close(actual, expected("a cat", generator=seeded(), **call).images, rtol=0, atol=1e-5)
+    base = reference.pipeline("a cat", generator=seeded(), **call).images
+    assert not torch.allclose(reference("a cat", generator=seeded(), **call).images, base, atol=1e-3)  # the generator acts

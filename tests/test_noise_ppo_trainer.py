@@ -2,9 +2,11 @@ import asyncio
 import functools
 import math
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -713,3 +715,21 @@ def test_reward_functions_of_one_name_log_under_numbered_names(tmp_path):
     logged = trainer.state.log_history[0]
     assert logged["rewards/scaled_brightness_2/mean"] == pytest.approx(10 * logged["rewards/scaled_brightness_1/mean"], rel=1e-4)
     assert logged["rewards/brightness/mean"] == pytest.approx(logged["rewards/scaled_brightness_1/mean"], rel=1e-4)
+
+
+def test_model_card_links_the_trackers_and_names_the_training_command(tmp_path, monkeypatch):
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, max_steps=1), train_dataset=PROMPTS)
+    trainer.train()
+    assert trainer.training_command == shlex.join(["python", *sys.argv])  # what ran this process, unless a script says
+    trainer.training_command = "trl-noise-ppo train --config my.yaml"
+    trainer.training_config = "reward_funcs: [brightness]"
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=types.SimpleNamespace(url="https://wandb.ai/u/p/runs/r1")))
+    trackio_url = "https://u-space.hf.space?project=p&runs=r1&sidebar=collapsed"
+    monkeypatch.setattr(trainer_module, "get_trackio_space_url", lambda: trackio_url)
+    trainer.save_model()
+
+    card = (Path(trainer.args.output_dir) / "README.md").read_text()
+    assert "(https://wandb.ai/u/p/runs/r1)" in card and f"[Trackio]({trackio_url})" in card
+    assert f"trackio:{trackio_url}" in card  # the tag, as TRL's cards have it
+    assert "trl-noise-ppo train --config my.yaml" in card and "reward_funcs: [brightness]" in card
+    assert "## Evaluation" not in card  # no evaluation ran

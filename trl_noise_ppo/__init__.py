@@ -2,10 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .noise_generator import NoiseGenerator, NoiseGeneratorConfig
+from .noise_generator import NoiseGenerator, NoiseGeneratorConfig, load_noise_generator
 from .noise_pipeline import NoisePPOPipeline
 from .noise_ppo_config import NoisePPOConfig
 from .noise_ppo_trainer import NoisePPOTrainer
 
 
-__all__ = ["NoiseGenerator", "NoiseGeneratorConfig", "NoisePPOConfig", "NoisePPOPipeline", "NoisePPOTrainer"]
+__all__ = [
+    "NoiseGenerator",
+    "NoiseGeneratorConfig",
+    "NoisePPOConfig",
+    "NoisePPOPipeline",
+    "NoisePPOTrainer",
+    "load_noise_generator",
+]

@@ -16,6 +16,7 @@ A mistake in the arguments (unknown flag, YAML error, missing file, bad value) p
 import argparse
 import importlib
 import os
+import shlex
 import subprocess
 import sys
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         return 0
     if command == "train":
+        os.environ[train.COMMAND_VARIABLE] = shlex.join(["trl-noise-ppo", *argv])  # for the model card
         return launch(command_args)
     command.main(*command_args)
     return 0

@@ -47,7 +47,10 @@ def log_images(trainer, images: torch.Tensor, prompts: list[str], rewards: torch
             tracker.Image(Image.fromarray(image), caption=f"{reward:.4g} | {prompt}")
             for image, prompt, reward in zip(pixels, table["prompt"], table["reward"], strict=True)
         ]
-        tracker.log({"samples": tracker.Table(dataframe=table.assign(image=column))})
+        # Not `step=`: wandb drops a log whose step is below its own counter, which counts log calls, not optimiser
+        # steps. The Trainer's wandb and trackio callbacks log every metric with `train/global_step`, the axis wandb
+        # plots against (`define_metric(step_metric=...)`); the table is logged on it too.
+        tracker.log({"samples": tracker.Table(dataframe=table.assign(image=column)), "train/global_step": step})
 
 
 def _image_trackers(report_to: str | list[str] | None) -> list:

@@ -45,9 +45,9 @@ class NoiseGeneratorConfig(PreTrainedConfig):
             parameter count depends on it, not on the noise resolution.
         grid_channels (`int`, *optional*, defaults to `64`):
             Channels of the coarse grid and of the upsampling convolutions.
-        learn_sigma (`bool`, *optional*, defaults to `False`):
-            Whether the policy also learns a per-element standard deviation. When `False` the standard deviation is
-            fixed at 1, which keeps the noise at the scale the frozen model was trained on.
+        learn_sigma (`bool`, *optional*, defaults to `True`):
+            Whether the policy also learns a per-element standard deviation (it starts at 1). When `False` it is fixed
+            at 1 and only the mean moves. The default is [`NoisePPOConfig`]'s `learn_sigma`.
         project_to_shell (`bool`, *optional*, defaults to `False`):
             Whether each noise sample is rescaled to norm `sqrt(D)` (its number of elements) before it reaches the
             pipeline: the shell where `N(0, I)` noise lies, so the frozen model sees noise of the norm it was trained
@@ -69,7 +69,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         hidden_dim: int = 256,
         grid_size: int = 8,
         grid_channels: int = 64,
-        learn_sigma: bool = False,
+        learn_sigma: bool = True,
         project_to_shell: bool = False,
         **kwargs,
     ):

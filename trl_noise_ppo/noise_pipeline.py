@@ -1,6 +1,7 @@
 import json
 import os
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi
@@ -20,6 +21,16 @@ from .noise_injection import (
 
 
 NOISE_GENERATOR_FOLDER = "noise_generator"
+PIPELINE_FOLDER = "pipeline"
+# The module of a saved folder that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` runs to load it
+DIFFUSERS_LOADER = "noise_ppo_pipeline"
+DIFFUSERS_LOADER_CODE = f"""\
+# Written by trl-noise-ppo's NoisePPOPipeline.save_pretrained. It lets diffusers load this folder as the NoisePPOPipeline
+# it was saved from: the pipeline in {PIPELINE_FOLDER}/, whose initial noise the generator in {NOISE_GENERATOR_FOLDER}/ draws.
+#     DiffusionPipeline.from_pretrained(<this folder>, trust_remote_code=True)   # runs this file; needs trl-noise-ppo
+#     trl_noise_ppo.NoisePPOPipeline.from_pretrained(<this folder>)              # runs no code from the folder
+from trl_noise_ppo.noise_pipeline import NoisePPODiffusionPipeline  # noqa: F401
+"""
 
 
 class NoisePPOPipeline:
@@ -61,7 +72,8 @@ class NoisePPOPipeline:
         """
         Loads a base pipeline and a noise generator. `pretrained_model_name_or_path` is one of:
 
-        - a folder written by [`NoisePPOPipeline.save_pretrained`] (the generator is in its `noise_generator/`);
+        - a folder written by [`NoisePPOPipeline.save_pretrained`] (the pipeline is in its `pipeline/`, the generator in
+          its `noise_generator/`);
         - a noise generator (Hub id or folder, or a LoRA adapter of one) alone: the base pipeline is the one recorded in
           its config;
         - a base pipeline (Hub id or folder), with `noise_generator` given as a [`NoiseGenerator`] (or a peft model of
@@ -72,7 +84,8 @@ class NoisePPOPipeline:
         path = str(pretrained_model_name_or_path)
         if noise_generator is None and os.path.isdir(os.path.join(path, NOISE_GENERATOR_FOLDER)):
             noise_generator = load_noise_generator(os.path.join(path, NOISE_GENERATOR_FOLDER))
-            base = path
+            # folders saved by earlier versions of trl-noise-ppo hold the pipeline at their root
+            base = os.path.join(path, PIPELINE_FOLDER) if os.path.isdir(os.path.join(path, PIPELINE_FOLDER)) else path
         elif noise_generator is None:
             noise_generator = load_noise_generator(path)
             base = noise_generator.config.base_pipeline
@@ -88,16 +101,34 @@ class NoisePPOPipeline:
         return cls(DiffusionPipeline.from_pretrained(base, **kwargs), noise_generator)
 
     def save_pretrained(self, save_directory: str, push_to_hub: bool = False, **kwargs) -> None:
-        """Saves the wrapped pipeline and, in its `noise_generator/` subfolder, the generator; loads back with
-        [`NoisePPOPipeline.from_pretrained`]. With `push_to_hub=True` the folder is uploaded to `repo_id` (keyword)."""
+        """
+        Saves the wrapped pipeline into `pipeline/` and the generator into `noise_generator/`, with a
+        `model_index.json` naming the two and a loader module, so that the folder loads back as this pipeline with
+        [`NoisePPOPipeline.from_pretrained`] or with diffusers alone, `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` (see [`NoisePPODiffusionPipeline`]); without `trust_remote_code` diffusers refuses it
+        rather than load the pipeline without its generator. With `push_to_hub=True` the folder is uploaded to
+        `repo_id` (keyword).
+        """
         if os.path.isfile(os.path.join(save_directory, "config.json")):
             raise ValueError(
                 f"{save_directory} holds a model (config.json); saving a pipeline there would mix the two. Choose an "
                 "empty folder."
             )
         repo_id = kwargs.pop("repo_id", None)
-        self.pipeline.save_pretrained(save_directory, **kwargs)
+        self.pipeline.save_pretrained(os.path.join(save_directory, PIPELINE_FOLDER), **kwargs)
         self.noise_generator.save_pretrained(os.path.join(save_directory, NOISE_GENERATOR_FOLDER))
+        pipeline_class = type(self.pipeline)
+        model_index = {
+            "_class_name": [DIFFUSERS_LOADER, NoisePPODiffusionPipeline.__name__],
+            "_diffusers_version": diffusers.__version__,
+            PIPELINE_FOLDER: [pipeline_class.__module__.split(".")[0], pipeline_class.__name__],
+            # the module, as diffusers records components of other libraries; the loader module imports it
+            NOISE_GENERATOR_FOLDER: [NoiseGenerator.__module__, NoiseGenerator.__name__],
+        }
+        with open(os.path.join(save_directory, DiffusionPipeline.config_name), "w") as file:
+            json.dump(model_index, file, indent=2)
+        with open(os.path.join(save_directory, f"{DIFFUSERS_LOADER}.py"), "w") as file:
+            file.write(DIFFUSERS_LOADER_CODE)
         if push_to_hub:
             api = HfApi(token=kwargs.get("token"))
             repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(save_directory)), exist_ok=True).repo_id
@@ -181,3 +212,35 @@ class NoisePPOPipeline:
         noise_tensor = mu if noise == "mean" else mu + torch.exp(log_sigma) * latents.to(spec.device, torch.float32)
         noise_tensor = pipeline_noise(noise_tensor, self.noise_generator.config)
         return self.pipeline(**call_kwargs, latents=noise_tensor.to(spec.dtype))
+
+
+class NoisePPODiffusionPipeline(DiffusionPipeline):
+    """
+    What `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` builds from a folder that
+    [`NoisePPOPipeline.save_pretrained`] wrote: diffusers loads the two components its `model_index.json` names, the
+    wrapped pipeline (`pipeline/`) and the noise generator (`noise_generator/`), and this class gives back the
+    [`NoisePPOPipeline`] of the two, whose images are those of `NoisePPOPipeline.from_pretrained(folder)`.
+
+    Examples:
+
+    ```python
+    >>> from diffusers import DiffusionPipeline
+    >>> pipe = DiffusionPipeline.from_pretrained("saved-noise-ppo-pipeline", trust_remote_code=True)
+    >>> type(pipe).__name__
+    'NoisePPOPipeline'
+    ```
+    """
+
+    def __new__(cls, pipeline: DiffusionPipeline, noise_generator: NoiseGenerator) -> NoisePPOPipeline:
+        dtype = noise_generator.dtype
+        if dtype != torch.float32:
+            # diffusers gave the generator the dtype asked for, and not the nested pipeline; the generator runs
+            # in float32, so it is read again from the folder (pipeline/'s neighbour), and the pipeline takes the dtype
+            folder = os.path.dirname(os.path.normpath(pipeline.name_or_path))
+            noise_generator = load_noise_generator(os.path.join(folder, NOISE_GENERATOR_FOLDER))
+            pipeline.to(dtype)
+        return NoisePPOPipeline(pipeline, noise_generator)
+
+    def __init__(self, pipeline: DiffusionPipeline, noise_generator: NoiseGenerator):
+        # Never runs (`__new__` returns a NoisePPOPipeline); diffusers reads from this signature which components to load
+        raise NotImplementedError

@@ -99,6 +99,18 @@ class NoisePPOConfig(_BaseConfig):
         generator_grid_channels (`int`, *optional*, defaults to `64`):
             Channels of a new generator's grid and upsampling convolutions.
 
+        > Parameters that control evaluation
+
+        judge_funcs (`list[str]` or `None`, *optional*, defaults to `None`):
+            Judges: rewards the generator is not trained on, which score the evaluation images beside the training
+            rewards (built-in names or `module.function` paths, as `trl-noise-ppo evaluate --judge_funcs` takes them;
+            callables go to the trainer's `judge_funcs` argument). A gain the rewards see and the judges do not is
+            reward hacking.
+        num_generations_eval (`int` or `None`, *optional*, defaults to `None`):
+            Images per evaluation prompt. `None` uses `num_generations`. Each evaluation samples and scores
+            `len(eval_dataset) * num_generations_eval` images (the first, twice as many: the base pipeline's images
+            are made once per run), `per_device_eval_batch_size` (or one prompt's images, if more) per pipeline call.
+
         > Parameters that differ from those of [`~transformers.TrainingArguments`]
 
         learning_rate (`float`, *optional*, defaults to `1e-3`):
@@ -115,6 +127,9 @@ class NoisePPOConfig(_BaseConfig):
             The generator trains in float32; the frozen pipeline keeps the dtype it was loaded in.
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
             Every dataset column is passed to the reward functions.
+        eval_steps (`float` or `None`, *optional*, defaults to `None`):
+            With `eval_strategy="steps"`, evaluate every this many optimiser steps. `None` uses `save_steps` (not
+            `logging_steps`, which is 1 here: each evaluation samples the whole evaluation set).
     """
 
     # Parameters that control the images
@@ -178,6 +193,15 @@ class NoisePPOConfig(_BaseConfig):
     generator_grid_size: int = field(default=8, metadata={"help": "Side of a new generator's coarse grid."})
     generator_grid_channels: int = field(default=64, metadata={"help": "Channels of a new generator's grid."})
 
+    # Parameters that control evaluation
+    judge_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": "Judges (rewards not trained on) scoring the evaluation images: built-in names or module.function paths."},
+    )
+    num_generations_eval: int | None = field(
+        default=None, metadata={"help": "Images per evaluation prompt; None uses num_generations."}
+    )
+
     # Parameters that differ from those of TrainingArguments
     learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate for AdamW."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Images per process per micro-step."})
@@ -189,10 +213,15 @@ class NoisePPOConfig(_BaseConfig):
     remove_unused_columns: bool | None = field(
         default=False, metadata={"help": "Keep every dataset column: they are passed to the reward functions."}
     )
+    eval_steps: float | None = field(
+        default=None, metadata={"help": "Evaluate every X optimiser steps (eval_strategy='steps'); None uses save_steps."}
+    )
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["pipeline_kwargs"]
 
     def __post_init__(self):
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
         super().__post_init__()
         if isinstance(self.pipeline_kwargs, str):
             raise ValueError(
@@ -230,7 +259,7 @@ class NoisePPOConfig(_BaseConfig):
                      "generator_grid_size", "generator_grid_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("height", "width", "sample_batch_size"):
+        for name in ("height", "width", "sample_batch_size", "num_generations_eval"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (or None for the default), got {getattr(self, name)}.")
         if self.max_steps == 0:

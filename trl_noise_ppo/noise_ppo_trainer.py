@@ -1,7 +1,9 @@
 import inspect
 import math
 import os
+import shlex
 import shutil
+import sys
 import textwrap
 import time
 import warnings
@@ -15,14 +17,16 @@ import torch
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard, ModelCardData
-from accelerate.utils import is_peft_model
+from accelerate.utils import gather_object, is_peft_model
 from torch import nn
 from transformers import TrainerCallback, TrainerState, enable_full_determinism, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, speed_metrics
 from trl.trainer.base_trainer import _BaseTrainer
-from trl.trainer.utils import RepeatSampler, get_callable_name
+from trl.trainer.utils import RepeatSampler, get_callable_name, get_comet_experiment_url, get_trackio_space_url
 
 from . import __version__
+from .evaluation import evaluation_metrics, paired_result, results_from_metrics, results_table, with_card_section
 from .image_logging import log_images
 from .noise_generator import NoiseGenerator, load_noise_generator, pipeline_noise
 from .noise_injection import (
@@ -43,6 +47,8 @@ from .rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 
 
 ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
+# Seeds the evaluation's noise and scheduler draws apart from the rollouts' (whose salts are small)
+EVALUATION_SALT = 1_000_003
 # A checkpoint, or the saved model, is written into this folder of the output folder, then moved into place when
 # complete; a save killed midway leaves only this folder, which the next save removes
 STAGING_DIR = "tmp-save"
@@ -85,30 +91,57 @@ class _EpochSeededRepeatSampler(RepeatSampler):
         self.generator.manual_seed(hash((self.seed, epoch)) % 2**62)
 
 
-def _check_prompt_dataset(dataset) -> None:
+def _check_prompt_dataset(dataset, name: str = "train_dataset") -> None:
     if dataset is None:
-        raise ValueError("NoisePPOTrainer needs a train_dataset with a `prompt` column, e.g. Dataset.from_dict({'prompt': [...]}).")
+        raise ValueError(f"NoisePPOTrainer needs a {name} with a `prompt` column, e.g. Dataset.from_dict({{'prompt': [...]}}).")
     if not hasattr(dataset, "__len__"):
         raise ValueError(
-            f"The train_dataset is a {type(dataset).__name__} without a length (a streaming dataset?); Noise PPO needs a "
+            f"The {name} is a {type(dataset).__name__} without a length (a streaming dataset?); Noise PPO needs a "
             "map-style Dataset: load it with streaming=False, or take some rows: Dataset.from_list(list(dataset.take(n)))."
         )
     columns = getattr(dataset, "column_names", None)
     if columns is not None and "prompt" not in columns:
         raise ValueError(
-            f"The train_dataset has no `prompt` column (its columns: {columns}). Rename the column holding the "
+            f"The {name} has no `prompt` column (its columns: {columns}). Rename the column holding the "
             "prompts, e.g. `dataset.rename_column('text', 'prompt')`."
         )
     if len(dataset) == 0:
-        raise ValueError("The train_dataset is empty: Noise PPO needs at least one prompt to train on.")
+        raise ValueError(f"The {name} is empty: Noise PPO needs at least one prompt.")
     for index, prompt in enumerate(dataset["prompt"]):
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"Row {index} of the train_dataset has prompt {prompt!r}; every prompt must be a non-empty string.")
+            raise ValueError(f"Row {index} of the {name} has prompt {prompt!r}; every prompt must be a non-empty string.")
     reserved = sorted({"prompts", "images", "trainer_state"} & set(columns or []))
     if reserved:
         raise ValueError(
-            f"The train_dataset has columns {reserved}, names the reward functions' own arguments take (`prompts`, "
+            f"The {name} has columns {reserved}, names the reward functions' own arguments take (`prompts`, "
             "`images`, `trainer_state`); rename them, e.g. `dataset.rename_column('prompts', 'prompt')`."
+        )
+
+
+def _numbered_names(funcs: list[Callable]) -> list[str]:
+    """The functions' names, numbered where several share one (an ensemble of one reward class), which would otherwise
+    log into one metric."""
+    names = [get_callable_name(func) for func in funcs]
+    return [f"{name}_{names[:i].count(name) + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def _check_metric_for_best_model(args: NoisePPOConfig, eval_datasets: dict, reward_names: list[str], judge_names: list[str]) -> None:
+    """Refuses, before any sampling, a `metric_for_best_model` that the evaluation will not log (such as the Trainer's
+    default, the loss, which Noise PPO's evaluation does not compute)."""
+    if args.metric_for_best_model is None:
+        return
+    metric = args.metric_for_best_model
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    prefixes = [f"eval_{name}" if name else "eval" for name in eval_datasets] or ["eval"]
+    results = [{"reward": name, "role": role, **paired_result([], [])}
+               for role, names in (("reward", reward_names), ("judge", judge_names)) for name in names]
+    known = [name for prefix in prefixes for name in evaluation_metrics(results, prefix)]
+    if metric not in known:
+        gains = [name.removeprefix("eval_") for name in known if name.endswith("/gain")]
+        default = " (what load_best_model_at_end sets when it is not given)" if args.metric_for_best_model == "loss" else ""
+        raise ValueError(
+            f"metric_for_best_model is {args.metric_for_best_model!r}{default}, which Noise PPO's evaluation does not "
+            f"log (it computes no loss). Choose one of its gains, {gains}, or their base, mean and _ci95 statistics."
         )
 
 
@@ -136,6 +169,13 @@ class NoisePPOTrainer(_BaseTrainer):
             Configuration. Defaults to `NoisePPOConfig("<pipeline class>-NoisePPO")`.
         train_dataset ([`~datasets.Dataset`]):
             Prompts, in a `prompt` column. Other columns are passed to the reward functions.
+        eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
+            Evaluation prompts, in a `prompt` column (other columns go to the rewards and judges), on which the
+            generator is compared with the base pipeline every `eval_steps` when `args.eval_strategy` is set; see
+            [`~NoisePPOTrainer.evaluate`]. A dict is evaluated dataset by dataset, each name in its metrics' names.
+        judge_funcs (`str`, `Callable` or a list of them, *optional*):
+            Judges: rewards the generator is not trained on, called as the reward functions are, which score the
+            evaluation images beside them. Defaults to the names in `args.judge_funcs`.
         noise_generator ([`NoiseGenerator`] or `str`, *optional*):
             A generator to continue training: a model, or its Hub id or folder (a LoRA adapter folder is composed with
             its base). It must fit the pipeline. Defaults to a new, zero-initialised one (exactly N(0, I)) sized for
@@ -194,6 +234,8 @@ class NoisePPOTrainer(_BaseTrainer):
         reward_funcs: str | Callable | list[str | Callable],
         args: NoisePPOConfig | None = None,
         train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        judge_funcs: str | Callable | list[str | Callable] | None = None,
         noise_generator: NoiseGenerator | str | None = None,
         peft_config=None,
         callbacks: list[TrainerCallback] | None = None,
@@ -202,6 +244,9 @@ class NoisePPOTrainer(_BaseTrainer):
         if args is None:
             args = NoisePPOConfig(f"{type(pipeline).__name__}-NoisePPO")
         _check_prompt_dataset(train_dataset)
+        eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {} if eval_dataset is None else {"": eval_dataset}
+        for name, dataset in eval_datasets.items():
+            _check_prompt_dataset(dataset, f"eval_dataset[{name!r}]" if name else "eval_dataset")
         check_pipeline_takes_noise(pipeline)
         min_prompts = args.per_device_train_batch_size * args.steps_per_generation * args.world_size // args.num_generations
         if len(train_dataset) < min_prompts:
@@ -211,10 +256,13 @@ class NoisePPOTrainer(_BaseTrainer):
                 "run. Add prompts or lower per_device_train_batch_size."
             )
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
-        check_reward_files(self.reward_funcs)  # every missing weight file named at once, before any sampling
-        names = [get_callable_name(func) for func in self.reward_funcs]
-        # two functions of one name (an ensemble of one reward class) would otherwise log into one metric
-        self.reward_func_names = [f"{name}_{names[:i].count(name) + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+        if judge_funcs is not None and args.judge_funcs:
+            raise ValueError("Judges are given twice, as judge_funcs and as args.judge_funcs: give them once.")
+        self.judge_funcs = resolve_reward_funcs(judge_funcs if judge_funcs is not None else args.judge_funcs or [])
+        check_reward_files(self.reward_funcs + self.judge_funcs)  # every missing weight file named at once, before any sampling
+        self.reward_func_names = _numbered_names(self.reward_funcs)
+        self.judge_func_names = _numbered_names(self.judge_funcs)
+        _check_metric_for_best_model(args, eval_datasets, self.reward_func_names, self.judge_func_names)
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(
@@ -274,11 +322,12 @@ class NoisePPOTrainer(_BaseTrainer):
             args=args,
             data_collator=lambda features: features,  # prompts stay strings; sampling happens in _prepare_inputs
             train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
             callbacks=callbacks,
             optimizers=optimizers,
         )
         self.add_callback(_FiniteGeneratorGuard())
-        for reward_func in self.reward_funcs:
+        for reward_func in self.reward_funcs + self.judge_funcs:
             if getattr(reward_func, "device", False) is None:
                 reward_func.device = self.accelerator.device
         self.concurrent_rewards = [runs_concurrently(func, self.accelerator.device) for func in self.reward_funcs]
@@ -286,6 +335,9 @@ class NoisePPOTrainer(_BaseTrainer):
         self._buffered_inputs = None
         self._staging_dir = None  # while a checkpoint is being written: the folder it goes to first
         self._step = 0  # micro-steps; a generation batch is sampled every steps_per_generation * num_iterations
+        self._base_scores = {}  # per evaluation dataset: the base pipeline's scores, computed once per run
+        # shown in the model card; scripts/train.py sets the `trl-noise-ppo train` command line and its config file
+        self.training_command, self.training_config = shlex.join(["python", *sys.argv]), None
 
     @staticmethod
     def _pipeline_kwargs(args: NoisePPOConfig, pipeline: DiffusionPipeline, embeds: dict) -> dict:
@@ -489,6 +541,102 @@ class NoisePPOTrainer(_BaseTrainer):
         super().log(logs, start_time)
         self._metrics.clear()
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """
+        Compares the current generator with the base pipeline on the evaluation prompts (`eval_dataset`, default the
+        trainer's), paired: the `num_generations_eval` images of each prompt start, for both, from the same noise eps,
+        drawn once from `args.seed` (the base pipeline gets eps, the generator's `mu + sigma * eps`), and every reward
+        and judge scores both. Logs, and returns, for each reward `<name>` (and judge, under `judges/`) the base mean
+        `{metric_key_prefix}_rewards/<name>/base`, the tuned mean `.../mean` and the paired gain `.../gain`, each with
+        its 95% interval's half-width `..._ci95` (see `trl_noise_ppo.evaluation`); in the trackers they read
+        `eval/rewards/<name>/gain`, ... Use a gain as `metric_for_best_model`, e.g. `"judges/shapes_judge/gain"`.
+
+        Cost: `len(eval_dataset) * num_generations_eval` images sampled and scored, and as many again the first time a
+        dataset is evaluated (the base pipeline's scores, kept for the run).
+        """
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, dict):  # as Trainer.evaluate: one evaluation per dataset, named in the metrics
+            return {
+                key: value
+                for name, subset in dataset.items()
+                for key, value in self.evaluate(subset, ignore_keys, f"{metric_key_prefix}_{name}").items()
+            }
+        if dataset is None:
+            raise ValueError("evaluate needs prompts: give the trainer an eval_dataset (a Dataset with a `prompt` column), or evaluate one.")
+        _check_prompt_dataset(dataset, "eval_dataset")
+        start_time = time.time()
+        cache_key = (metric_key_prefix, getattr(dataset, "_fingerprint", id(dataset)))
+        if cache_key not in self._base_scores:
+            self._base_scores[cache_key] = self._evaluation_scores(dataset, with_generator=False)
+        base, tuned = self._base_scores[cache_key], self._evaluation_scores(dataset, with_generator=True)
+        named = [("reward", name) for name in self.reward_func_names] + [("judge", name) for name in self.judge_func_names]
+        results = [
+            {"num_inference_steps": self.args.num_inference_steps, "reward": name, "role": role,
+             **paired_result(base[:, column].tolist(), tuned[:, column].tolist())}
+            for column, (role, name) in enumerate(named)
+        ]
+        metrics = evaluation_metrics(results, metric_key_prefix)
+        metrics[f"{metric_key_prefix}_num_prompts"] = len(dataset)
+        metrics[f"{metric_key_prefix}_images_per_prompt"] = self._images_per_eval_prompt
+        metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=len(tuned)))
+        # the Trainer's log, not this class's, which would flush the training metrics gathered so far into these
+        super().log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    @property
+    def _images_per_eval_prompt(self) -> int:
+        return self.args.num_generations_eval or self.args.num_generations
+
+    @torch.no_grad()
+    def _evaluation_scores(self, dataset: Dataset, with_generator: bool) -> torch.Tensor:
+        """Every reward's and judge's score (NaN where none) of each evaluation image, prompt by prompt, made by the
+        base pipeline from the evaluation noise eps, or from the current generator's noise for it. Each process makes
+        the images of every num_processes-th prompt; all get all scores."""
+        k, device = self._images_per_eval_prompt, self.accelerator.device
+        funcs = self.reward_funcs + self.judge_funcs
+        indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
+        prompts_per_call = max(1, self.args.per_device_eval_batch_size // k)
+        scored = []
+        for start in range(0, len(indices), prompts_per_call):
+            chunk = indices[start : start + prompts_per_call]
+            examples = [dataset[index] for index in chunk]
+            embeds = prompt_conditioning(self.pipeline, examples, **self.args.pipeline_kwargs)
+            eps = torch.cat([self._evaluation_eps(index, k) for index in chunk]).to(device)
+            noise = self._generator_noise(embeds, eps) if with_generator else eps
+            output = self.pipeline(
+                **self._pipeline_kwargs(self.args, self.pipeline, repeat_rows(embeds, k)),
+                latents=noise.to(self.noise_dtype),
+                generator=self._evaluation_generator(chunk[0]),  # the same scheduler noise for both pipelines
+            )
+            images = images_in_unit_range(self.pipeline, output.images.float())
+            rows = [example for example in examples for _ in range(k)]
+            columns = {name: [row[name] for row in rows] for name in rows[0] if name != "prompt"}
+            scores = call_reward_funcs(funcs, images=images, prompts=[row["prompt"] for row in rows],
+                                       trainer_state=self.state, **columns).cpu()
+            scored += [(index, scores[i * k : (i + 1) * k]) for i, index in enumerate(chunk)]
+        if self.accelerator.num_processes > 1:
+            scored = gather_object(scored)
+        return torch.cat([scores for _, scores in sorted(scored, key=lambda item: item[0])])
+
+    def _generator_noise(self, embeds: dict, eps: torch.Tensor) -> torch.Tensor:
+        """The noise the pipeline gets from the current generator for the unit noise `eps` (`len(eps) // len(prompts)`
+        rows per prompt of `embeds`): `mu + sigma * eps`."""
+        generator = self.accelerator.unwrap_model(self.model)
+        mu, log_sigma = generator(**generator_inputs(embeds))
+        k = len(eps) // len(mu)
+        noise = mu.repeat_interleave(k, dim=0) + torch.exp(log_sigma.repeat_interleave(k, dim=0)) * eps
+        return pipeline_noise(noise, generator.config)
+
+    def _evaluation_eps(self, prompt_index: int, count: int) -> torch.Tensor:
+        # Drawn from the seed and the prompt's index alone: the same noise at every evaluation, on any process count
+        seed = hash((self.args.seed, EVALUATION_SALT, prompt_index)) % 2**62
+        noise_shape = self.accelerator.unwrap_model(self.model).config.noise_shape
+        return torch.randn((count, *noise_shape), generator=torch.Generator().manual_seed(seed))
+
+    def _evaluation_generator(self, prompt_index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.args.seed, EVALUATION_SALT + 1, prompt_index)) % 2**62)
+
     def _save_checkpoint(self, model, trial):
         # Written into a staging folder and renamed to checkpoint-N once complete, so that a run killed while saving
         # leaves no partial checkpoint for `resume_from_checkpoint=True` to pick
@@ -502,6 +650,7 @@ class NoisePPOTrainer(_BaseTrainer):
         finally:
             staging_dir, self._staging_dir = self._staging_dir, None
         checkpoint_name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._point_best_checkpoint_out_of_staging(run_dir, staging_dir, checkpoint_name)
         if not self.args.save_only_model and self._buffered_inputs is not None:
             # A checkpoint can fall between two generation batches' PPO epochs; the stored rollout lets a resumed run
             # finish the epochs on the same samples instead of drawing new ones from a different policy.
@@ -515,6 +664,16 @@ class NoisePPOTrainer(_BaseTrainer):
             shutil.rmtree(staging_dir)
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _point_best_checkpoint_out_of_staging(self, run_dir: str, staging_dir: str, checkpoint_name: str) -> None:
+        # The Trainer records the best checkpoint in the folder it wrote it into, the staging folder; it is about to be
+        # moved into run_dir, where load_best_model_at_end and the rotation of checkpoints must find it
+        best = self.state.best_model_checkpoint
+        if best is None or os.path.dirname(best) != staging_dir:
+            return
+        self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staging_dir, checkpoint_name, TRAINER_STATE_NAME))
 
     def _get_output_dir(self, trial):
         return self._staging_dir or super()._get_output_dir(trial)
@@ -561,8 +720,8 @@ class NoisePPOTrainer(_BaseTrainer):
         tags: str | list[str] | None = None,
         output_dir: str | None = None,
     ):
-        """Writes a model card for the noise generator (base pipeline, rewards, how to load it, citations) to
-        `output_dir` (default `args.output_dir`)."""
+        """Writes a model card for the noise generator (base pipeline, rewards, how to load it, the last evaluation's
+        table, tracker links, the training command, citations) to `output_dir` (default `args.output_dir`)."""
         if not self.is_world_process_zero():
             return
         output_dir = output_dir or self.args.output_dir
@@ -574,6 +733,11 @@ class NoisePPOTrainer(_BaseTrainer):
         base_model = base_model if base_model and not os.path.isdir(base_model) else None
         tags = {tags} if isinstance(tags, str) else set(tags or [])
         tags.update(self._tag_names)
+        trackio_url = get_trackio_space_url()
+        if trackio_url is not None:  # as TRL's cards: the tag links the run
+            tags = {tag for tag in tags if not tag.startswith("trackio:")} | {f"trackio:{trackio_url}"}
+        wandb = sys.modules.get("wandb")  # imported by the Trainer's callback when it reports to wandb
+        evaluation = self._evaluation_for_card()
         card_data = ModelCardData(
             base_model=base_model,
             datasets=dataset_name,
@@ -596,8 +760,12 @@ class NoisePPOTrainer(_BaseTrainer):
             noise_shape=config.noise_shape,
             num_inference_steps=self.args.num_inference_steps,
             guidance_scale=self.args.guidance_scale,
-            wandb_url=None,
-            trackio_url=None,
+            evaluation=evaluation and with_card_section("", f"## Evaluation\n\n{evaluation}").strip(),
+            wandb_url=wandb.run.url if wandb is not None and getattr(wandb, "run", None) is not None else None,
+            trackio_url=trackio_url,
+            comet_url=get_comet_experiment_url(),
+            training_command=self.training_command,
+            training_config=self.training_config,
             trainer_name=self._name,
             trainer_citation=self._paper["citation"],
             paper_title=self._paper["title"],
@@ -609,6 +777,31 @@ class NoisePPOTrainer(_BaseTrainer):
             pytorch_version=version("torch"),
         )
         card.save(os.path.join(output_dir, "README.md"))
+
+    def _evaluation_for_card(self) -> str | None:
+        """The model card's evaluation section: the table of the last evaluation of the generator being saved (at the
+        best step once training loaded the best checkpoint), from the log history, which survives a resume."""
+        step = self.state.global_step
+        if self._staging_dir is None and self.args.load_best_model_at_end and self.state.best_model_checkpoint:
+            step = self.state.best_global_step
+        evaluations = [entry for entry in self.state.log_history if entry.get("step", 0) <= step
+                       and any(key.endswith("_num_prompts") for key in entry)]
+        if not evaluations:
+            return None
+        # several evaluation datasets log one entry each
+        entry = {key: value for logged in evaluations if logged["step"] == evaluations[-1]["step"] for key, value in logged.items()}
+        sections = []
+        for key in sorted(key for key in entry if key.endswith("_num_prompts")):
+            prefix = key.removesuffix("_num_prompts")
+            name = prefix.removeprefix("eval").removeprefix("_")
+            sections.append(
+                f"At step {entry['step']} of training, on {entry[key]:g} evaluation prompts{f' ({name})' if name else ''} "
+                f"x {entry[f'{prefix}_images_per_prompt']:g} images: mean reward and 95% confidence interval, the base "
+                "pipeline and the tuned one from the same initial noise; difference = tuned - base, paired by noise. "
+                "Judges are rewards the generator was not trained on.\n\n"
+                + results_table(results_from_metrics(entry, prefix, self.args.num_inference_steps))
+            )
+        return "\n".join(sections)
 
 
 def _raise_if_not_finite(model: nn.Module, what: str, step: int) -> None:

@@ -1,6 +1,8 @@
 """Built-in rewards by name, for configs and the command line (`reward_funcs: [pickscore, aesthetic]`)."""
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 # name -> (module, class, keyword arguments). Imported only when the name is used, so that a reward living in
@@ -41,8 +43,21 @@ def create_reward(name: str) -> Callable:
     return getattr(importlib.import_module(module), class_name)(**kwargs)
 
 
+def import_reward(path: str) -> Callable:
+    """The reward function a dotted import path names (`my_rewards.brightness`), found from the current folder too, as
+    `trl grpo` finds `my_rewards.py` beside its config."""
+    module_name, _, attribute = path.rpartition(".")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"Could not import the reward {path!r}: {error}.") from error
+
+
 def resolve_reward_funcs(reward_funcs: str | Callable | list[str | Callable]) -> list[Callable]:
-    """Turns names of built-in rewards into reward objects; callables pass through unchanged.
+    """Turns names of built-in rewards, and import paths of functions (`my_rewards.brightness`), into reward
+    functions; callables pass through unchanged.
 
     Examples:
         >>> def brightness(images, **kwargs):
@@ -54,7 +69,9 @@ def resolve_reward_funcs(reward_funcs: str | Callable | list[str | Callable]) ->
         reward_funcs = [reward_funcs]
     resolved = []
     for reward_func in reward_funcs:
-        if isinstance(reward_func, str):
+        if isinstance(reward_func, str) and reward_func not in REWARDS and "." in reward_func:
+            resolved.append(import_reward(reward_func))
+        elif isinstance(reward_func, str):
             resolved.append(create_reward(reward_func))
         elif callable(reward_func):
             resolved.append(reward_func)

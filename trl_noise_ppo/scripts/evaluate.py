@@ -7,31 +7,30 @@ HPSv2, ImageReward and CLIPScore; in the shapes world the learned `shapes_alignm
 `shapes_judge`): a gain the reward sees and the judges do not is reward hacking.
 
 For every step count and prompt, both make `num_images_per_prompt` images from the same seeds (image j of prompt i
-has seed `seed + i * num_images_per_prompt + j`), and every reward scores them. Over the n = prompts x images
-rewards r_1..r_n of one pipeline, step count and reward:
-
-    mean = sum(r_k) / n,    s = sqrt(sum((r_k - mean)^2) / (n - 1)),    95% CI = mean +/- 1.96 * s / sqrt(n)
-
-(normal approximation over images). The same formula over the paired differences d_k = r_k(tuned) - r_k(base) gives
-the gain and its interval; pairing by seed removes most of the image-to-image spread from it. Images of one prompt are
-not independent draws of the prompt distribution, so with few prompts the intervals are too narrow for claims about
-other prompts.
+has seed `seed + i * num_images_per_prompt + j`), hence from the same initial noise eps, and every reward scores them.
+Means, paired gains and their 95% intervals are computed as `trl_noise_ppo.evaluation` describes (a normal
+approximation over images, paired by seed).
 
 Writes into `output_dir`: `results.md` (a table), `results.json` (the table and every image's reward) and
 `grid.png` (for each step count, a base row and a tuned row: the first image of the first `grid_prompts` prompts).
+With `--update_model_card` the table also goes into the model card (README.md) of the generator's folder, and with
+`--push_to_hub` that card (with the folder, or alone for a generator on the Hub) is uploaded.
 """
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, ModelCard
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 from trl import TrlParser
 from trl.trainer.utils import get_callable_name
 
+from ..evaluation import paired_result, results_table, with_card_section
 from ..rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 from .utils import (
     ModelArguments,
@@ -44,9 +43,6 @@ from .utils import (
     reward_funcs_from_names,
     seeded_generators,
 )
-
-
-Z_95 = 1.959964  # two-sided 95% quantile of the standard normal
 
 
 @dataclass
@@ -82,6 +78,14 @@ class EvaluateArguments:
             Where the results are written.
         device (`str` or `None`, *optional*, defaults to `None`):
             Device to run on; default CUDA when available.
+        update_model_card (`bool`, *optional*, defaults to `False`):
+            Write the results table into the model card (README.md) of the generator's folder, replacing the
+            evaluation section it has.
+        push_to_hub (`bool`, *optional*, defaults to `False`):
+            Update the model card and upload it: a local generator's folder, card included, to `hub_model_id`; a Hub
+            generator's card to its repository (or `hub_model_id`).
+        hub_model_id (`str` or `None`, *optional*, defaults to `None`):
+            Repository to push to; default the local folder's name (in your namespace), or the Hub generator's own.
     """
 
     noise_generator: str = field(metadata={"help": "Trained noise generator: the output folder of `train`, or a Hub id."})
@@ -102,6 +106,15 @@ class EvaluateArguments:
     grid_prompts: int = field(default=8, metadata={"help": "Prompts shown in grid.png."})
     output_dir: str = field(default="noise_ppo_evaluation", metadata={"help": "Where the results are written."})
     device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
+    update_model_card: bool = field(
+        default=False, metadata={"help": "Write the results table into the model card (README.md) of the generator's folder."}
+    )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Update the generator's model card with the results and upload it to the Hub."}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Repository to push to; default the folder's name, or the Hub generator's own."}
+    )
 
     def __post_init__(self):
         if min(self.num_inference_steps, default=0) < 1 or self.num_images_per_prompt < 1:
@@ -115,25 +128,17 @@ def make_parser(prog: str | None = None) -> TrlParser:
     return TrlParser((EvaluateArguments, ModelArguments, PromptArguments), prog=prog)
 
 
-def interval(values: list[float]) -> dict:
-    """Mean, sample standard deviation and normal-approximation 95% confidence interval of `values`, leaving out NaN
-    (an image a reward did not score); `None` where fewer than two values remain."""
-    values = [value for value in values if not math.isnan(value)]
-    n = len(values)
-    if n < 2:
-        return {"mean": values[0] if values else None, "std": None, "n": n, "ci95": None}
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half_width = Z_95 * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "n": n, "ci95": [mean - half_width, mean + half_width]}
-
-
 def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: PromptArguments) -> dict:
     reward_funcs = resolve_reward_funcs(reward_funcs_from_names(args.reward_funcs))
     judge_funcs = resolve_reward_funcs(reward_funcs_from_names(args.judge_funcs)) if args.judge_funcs else []
     roles = ["reward"] * len(reward_funcs) + ["judge"] * len(judge_funcs)
     reward_funcs = reward_funcs + judge_funcs
     check_reward_files(reward_funcs)
+    if args.update_model_card and not args.push_to_hub and not os.path.isdir(args.noise_generator):
+        raise ValueError(
+            f"--update_model_card writes into the generator's folder, and {args.noise_generator!r} is none (a Hub id?): "
+            "pass --push_to_hub to update the card on the Hub, or a local folder."
+        )
     prompts = load_prompts(args.prompts, prompt_args)
     if len(prompts) * args.num_images_per_prompt < 2:
         raise ValueError("A confidence interval needs at least two images: raise --num_images_per_prompt or add prompts.")
@@ -178,9 +183,7 @@ def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: Promp
                     "num_inference_steps": steps,
                     "reward": get_callable_name(func),
                     "role": roles[column],
-                    "base": interval(base_values),
-                    "tuned": interval(tuned_values),
-                    "difference": interval([t - b for t, b in zip(tuned_values, base_values, strict=True)]),
+                    **paired_result(base_values, tuned_values),
                     "base_rewards": [None if math.isnan(value) else value for value in base_values],
                     "tuned_rewards": [None if math.isnan(value) else value for value in tuned_values],
                 }
@@ -195,31 +198,43 @@ def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: Promp
     (output_dir / "results.md").write_text(markdown_table(results, len(prompts), args.num_images_per_prompt))
     image_grid(grid_rows, args.num_inference_steps).save(output_dir / "grid.png")
     print(f"Wrote results.md, results.json and grid.png to {output_dir}.")
+    if args.update_model_card or args.push_to_hub:
+        source = prompt_args.dataset_name or "given on the command line"
+        section = (
+            f"## Evaluation\n\nBy `trl-noise-ppo evaluate` on {len(prompts)} prompts ({source}) x "
+            f"{args.num_images_per_prompt} images: mean reward and 95% confidence interval, the base pipeline and the tuned "
+            "one from the same seeds, hence the same initial noise; difference = tuned - base, paired by seed. Judges "
+            f"are rewards the generator was not trained on.\n\n{results_table(results)}"
+        )
+        update_model_card(args, section)
     return report
 
 
-def markdown_table(results: list[dict], num_prompts: int, num_images_per_prompt: int) -> str:
-    def cell(stats: dict) -> str:
-        if stats["ci95"] is None:
-            return "n/a (fewer than 2 scored images)"
-        low, high = stats["ci95"]
-        return f"{stats['mean']:.4g} [{low:.4g}, {high:.4g}]"
+def update_model_card(args: EvaluateArguments, section: str) -> None:
+    """Writes `section` into the generator's model card, and with `args.push_to_hub` uploads it."""
+    if not os.path.isdir(args.noise_generator):  # a Hub generator: its card is updated on the Hub
+        card = ModelCard.load(args.noise_generator)
+        card.text = with_card_section(card.text, section)
+        card.push_to_hub(args.hub_model_id or args.noise_generator)
+        print(f"Pushed the model card to https://huggingface.co/{args.hub_model_id or args.noise_generator}.")
+        return
+    card_path = Path(args.noise_generator) / "README.md"
+    card_path.write_text(with_card_section(card_path.read_text() if card_path.is_file() else "", section))
+    print(f"Wrote the results into {card_path}.")
+    if args.push_to_hub:
+        api = HfApi()
+        repo_id = api.create_repo(args.hub_model_id or Path(args.noise_generator).resolve().name, exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo_id, folder_path=args.noise_generator, commit_message="Evaluation by trl-noise-ppo evaluate")
+        print(f"Pushed {args.noise_generator} to https://huggingface.co/{repo_id}.")
 
-    lines = [
+
+def markdown_table(results: list[dict], num_prompts: int, num_images_per_prompt: int) -> str:
+    caption = (
         f"Mean reward and 95% confidence interval over {num_prompts} prompts x {num_images_per_prompt} images, the same "
         "seeds for both pipelines; difference = tuned - base, paired by seed. grid.png: a base and a tuned row per step "
-        "count, one column per prompt (its first seed).",
-        "",
-        "| steps | reward or judge | base | tuned | difference |",
-        "|---|---|---|---|---|",
-    ]
-    for result in results:
-        name = result["reward"] + (" (judge)" if result["role"] == "judge" else "")
-        lines.append(
-            f"| {result['num_inference_steps']} | {name} | {cell(result['base'])} | {cell(result['tuned'])} "
-            f"| {cell(result['difference'])} |"
-        )
-    return "\n".join(lines) + "\n"
+        "count, one column per prompt (its first seed)."
+    )
+    return f"{caption}\n\n{results_table(results)}"
 
 
 def image_grid(rows: dict[tuple[str, int], list[torch.Tensor]], step_counts: list[int], cell_size: int = 256) -> Image.Image:

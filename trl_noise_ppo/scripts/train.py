@@ -9,9 +9,11 @@ examples/accelerate_configs/multi_gpu.yaml`, go to accelerate), or directly as
 
 import ctypes
 import os
+import shlex
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from datasets import Dataset
 from trl import TrlParser
@@ -19,6 +21,10 @@ from trl import TrlParser
 from ..noise_ppo_config import NoisePPOConfig
 from ..noise_ppo_trainer import NoisePPOTrainer
 from .utils import ModelArguments, PromptArguments, check_local_path, load_pipeline, load_prompt_dataset, reward_funcs_from_names
+
+
+# `trl-noise-ppo train` puts its command line here for the model card (the training processes see only their part)
+COMMAND_VARIABLE = "TRL_NOISE_PPO_COMMAND"
 
 
 @dataclass
@@ -43,6 +49,14 @@ class TrainArguments:
             LoRA scaling numerator.
         lora_target_modules (`list[str]`, *optional*, defaults to the `pooled_mlp` generator's layers):
             Names of the generator's modules that get adapters.
+        eval_dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            Evaluation prompts, as `dataset_name` takes them (same `dataset_config`, `dataset_revision` and
+            `prompt_column`). `None`: the training dataset's `eval_dataset_split`, if given.
+        eval_dataset_split (`str` or `None`, *optional*, defaults to `None`):
+            Split of the evaluation prompts, e.g. `test`; `None` uses `dataset_split`.
+        max_eval_prompts (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the first this many evaluation prompts (each evaluation samples `num_generations_eval` images
+            of each).
     """
 
     reward_funcs: list[str] | None = field(
@@ -58,6 +72,11 @@ class TrainArguments:
         default_factory=lambda: ["grid_encoder.mlp.1", "grid_encoder.mlp.3", "head"],
         metadata={"help": "Generator modules that get adapters."},
     )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Evaluation prompts, as --dataset_name takes them; default the training dataset's split."}
+    )
+    eval_dataset_split: str | None = field(default=None, metadata={"help": "Split of the evaluation prompts, e.g. test."})
+    max_eval_prompts: int | None = field(default=None, metadata={"help": "Keep only the first this many evaluation prompts."})
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -66,21 +85,36 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 def check_arguments(
     train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments
-) -> tuple[list, Dataset]:
-    """Checks everything that can be checked before the pipeline loads; returns the reward functions and the prompt
-    dataset."""
+) -> tuple[list, Dataset, Dataset | None]:
+    """Checks everything that can be checked before the pipeline loads; returns the reward functions, the prompt
+    dataset and the evaluation prompts (or None)."""
     if model_args.pipeline_name_or_path is None:
         raise ValueError("No pipeline given: pass --pipeline_name_or_path (a Hub id or a local folder).")
     check_local_path(model_args.pipeline_name_or_path, "The pipeline")
     if train_args.noise_generator_name_or_path is not None:
         check_local_path(train_args.noise_generator_name_or_path, "The noise generator")
     reward_funcs = reward_funcs_from_names(train_args.reward_funcs)
+    if training_args.judge_funcs:
+        reward_funcs_from_names(training_args.judge_funcs)  # names checked and paths imported before the pipeline loads
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
         raise ValueError(
             f"{len(training_args.reward_weights)} reward_weights for {len(reward_funcs)} reward_funcs "
             f"({train_args.reward_funcs}); give one weight per reward."
         )
-    return reward_funcs, load_prompt_dataset(prompt_args)
+    eval_dataset = None
+    if train_args.eval_dataset_name is not None or train_args.eval_dataset_split is not None:
+        eval_dataset = load_prompt_dataset(replace(
+            prompt_args,
+            dataset_name=train_args.eval_dataset_name or prompt_args.dataset_name,
+            dataset_split=train_args.eval_dataset_split or prompt_args.dataset_split,
+            max_prompts=train_args.max_eval_prompts,
+        ))
+    elif training_args.eval_strategy != "no":
+        raise ValueError(
+            f"eval_strategy is {training_args.eval_strategy.value!r} but no evaluation prompts are given: pass "
+            "--eval_dataset_name (a file or Hub dataset) or --eval_dataset_split (a split of --dataset_name)."
+        )
+    return reward_funcs, load_prompt_dataset(prompt_args), eval_dataset
 
 
 def lora_config(train_args: TrainArguments):
@@ -92,32 +126,48 @@ def lora_config(train_args: TrainArguments):
 
 
 def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments):
-    reward_funcs, dataset = check_arguments(train_args, training_args, model_args, prompt_args)
+    reward_funcs, dataset, eval_dataset = check_arguments(train_args, training_args, model_args, prompt_args)
     pipeline = load_pipeline(model_args, training_args.device)
     trainer = NoisePPOTrainer(
         pipeline=pipeline,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         noise_generator=train_args.noise_generator_name_or_path,
         peft_config=lora_config(train_args),
     )
+    trainer.training_command, trainer.training_config = training_command(sys.argv[1:])
     resume = training_args.resume_from_checkpoint
     # `--resume_from_checkpoint True` (a string on the command line): the last checkpoint in output_dir
     trainer.train(resume_from_checkpoint=True if resume in ("True", "true") else resume)
-    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        # push_to_hub saves the model and its card, then uploads once (save_model would push a first time, without
+        # the dataset). The card names a Hub dataset; a local file means nothing to readers of the card.
+        hub_dataset = None if os.path.exists(prompt_args.dataset_name) else prompt_args.dataset_name
+        trainer.push_to_hub(dataset_name=hub_dataset)
+    else:
+        trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(
         f"Trained on {trainer.accelerator.num_processes} process(es); noise generator saved to {training_args.output_dir}."
     )
     if training_args.push_to_hub:
-        # the model card names a Hub dataset; a local file means nothing to readers of the card
-        hub_dataset = None if os.path.exists(prompt_args.dataset_name) else prompt_args.dataset_name
-        trainer.push_to_hub(dataset_name=hub_dataset)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
     # every process must be done with the group (the main one writes the model card) before any destroys it: a rank
     # tearing down gloo while its peer still saves was seen to hang the peer forever
     trainer.accelerator.wait_for_everyone()
     trainer.end()
+
+
+def training_command(argv: list[str]) -> tuple[str, str | None]:
+    """The command line that trains (the `trl-noise-ppo train` one when it launched this process), and the text of the
+    `--config` file it names, if any, for the model card."""
+    command = os.environ.get(COMMAND_VARIABLE) or shlex.join(["accelerate", "launch", "-m", "trl_noise_ppo.scripts.train", *argv])
+    argv = shlex.split(command)
+    config = next((arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")), None)
+    if "--config" in argv[:-1]:
+        config = argv[argv.index("--config") + 1]
+    return command, Path(config).read_text().strip() if config and os.path.isfile(config) else None
 
 
 def die_with_launcher() -> None:

@@ -1,9 +1,7 @@
 """What the `trl-noise-ppo` commands share: the pipeline and prompt arguments, and loading them with clear errors."""
 
-import importlib
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +14,7 @@ from diffusers import DiffusionPipeline
 from ..noise_generator import load_noise_generator
 from ..noise_pipeline import NoisePPOPipeline
 from ..rewards import REWARDS
+from ..rewards.registry import import_reward
 
 
 PROMPT_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -146,13 +145,7 @@ def reward_funcs_from_names(names: list[str] | None) -> list[str | Callable]:
         if name in REWARDS:
             reward_funcs.append(name)
         elif "." in name:
-            module_name, attribute = name.rsplit(".", 1)
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())  # `my_rewards.py` beside the config, as `trl grpo` allows
-            try:
-                reward_funcs.append(getattr(importlib.import_module(module_name), attribute))
-            except (ImportError, AttributeError) as error:
-                raise ValueError(f"Could not import the reward {name!r}: {error}.") from error
+            reward_funcs.append(import_reward(name))
         else:
             raise ValueError(
                 f"Unknown reward {name!r}. Known rewards: {', '.join(REWARDS)}; or give the import path of a function, "
