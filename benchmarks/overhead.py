@@ -45,7 +45,9 @@ class BenchmarkArguments:
     num_inference_steps: int = 2
     num_prompts: int = 2
     num_generations: int = 4
-    num_iterations: int = 4
+    num_iterations: int | None = field(default=None, metadata={"help": "Epochs per generation batch; None: the library's default."})
+    loss_type: str = field(default="natural_step", metadata={"choices": ["natural_step", "ppo_clip"]})
+    base_comparison_every: int = field(default=4, metadata={"help": "As NoisePPOConfig's (0: no gain_over_base)."})
     cycles: int = 4
     inference_repeats: int = 5
     threads: int = 2
@@ -108,11 +110,11 @@ class InterleavedBareCycles(TrainerCallback):
         self._cycle_start = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step % self.args.num_iterations == 0:
+        if state.global_step % args.num_iterations == 0:
             self._cycle_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.args.num_iterations != 0:
+        if state.global_step % args.num_iterations != 0:
             return
         self.cycle_times.append(time.perf_counter() - self._cycle_start)
         start = time.perf_counter()
@@ -139,20 +141,27 @@ def training_and_inference(args: BenchmarkArguments):
           f"text encoder {pipe.text_encoder.num_parameters() / 1e6:.1f}M parameters; {args.image_size} px, "
           f"{args.num_inference_steps} steps, {images_per_cycle} images per cycle, {torch.get_num_threads()} threads")
 
+    epochs = {"num_iterations": args.num_iterations} if args.num_iterations is not None else {}
     config = NoisePPOConfig(
         output_dir="/tmp/noise-ppo-overhead", num_inference_steps=args.num_inference_steps,
-        num_generations=args.num_generations, per_device_train_batch_size=images_per_cycle,
-        num_iterations=args.num_iterations, max_steps=args.num_iterations * (args.cycles + 1),
-        save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=args.num_iterations,
+        num_generations=args.num_generations, per_device_train_batch_size=images_per_cycle, loss_type=args.loss_type,
+        base_comparison_every=args.base_comparison_every, max_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, **epochs,
     )
+    # one generation cycle per base_comparison_every (or 4) cycles compares with the base pipeline: whole periods
+    period = args.base_comparison_every or 1
+    cycles = period * -(-args.cycles // period)
+    config.max_steps, config.logging_steps = config.num_iterations * (cycles + 1), config.num_iterations
     bare = InterleavedBareCycles(pipe, prompts, args)
     trainer = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=Dataset.from_dict({"prompt": prompts}),
                               callbacks=[bare])
     trainer.train()
     # the first cycle warms both up
-    cycle, bare_cycle = statistics.median(bare.cycle_times[1:]), statistics.median(bare.bare_times[1:])
-    print(f"training: {cycle:.3f} s per generation cycle (1 sampling + {args.num_iterations} PPO updates) vs "
-          f"{bare_cycle:.3f} s to sample and score the same {images_per_cycle} images: ratio {cycle / bare_cycle:.3f}")
+    # the first cycle warms both up; a mean over whole periods counts the base comparisons' cost
+    cycle, bare_cycle = statistics.mean(bare.cycle_times[1:]), statistics.median(bare.bare_times[1:])
+    print(f"training ({args.loss_type}, {config.num_iterations} epochs, base comparison every {args.base_comparison_every} "
+          f"batches): {cycle:.3f} s per generation cycle vs {bare_cycle:.3f} s to sample and score the same "
+          f"{images_per_cycle} images: ratio {cycle / bare_cycle:.3f} per training query")
 
     tuned = NoisePPOPipeline(pipe, trainer.model)
     call = dict(num_images_per_prompt=args.num_generations, num_inference_steps=args.num_inference_steps, output_type="pt")
@@ -216,12 +225,12 @@ class AlternatingPathsAndBareCycles(TrainerCallback):
         self._cycle_start = self._overlapped = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step % self.args.num_iterations == 0:
-            self._overlapped = args.score_while_sampling = (state.global_step // self.args.num_iterations) % 2 == 0
+        if state.global_step % args.num_iterations == 0:
+            self._overlapped = args.score_while_sampling = (state.global_step // args.num_iterations) % 2 == 0
             self._cycle_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.args.num_iterations != 0:
+        if state.global_step % args.num_iterations != 0:
             return
         cycle = time.perf_counter() - self._cycle_start
         start = time.perf_counter()
@@ -250,13 +259,14 @@ def served_reward(args: BenchmarkArguments):
           f"{args.num_generations}; the server takes {1000 * seconds_per_image:.1f} ms per image "
           f"({args.scoring_share} x the sampling time measured before the run); load average {os.getloadavg()[0]:.1f}")
 
+    epochs = {"num_iterations": args.num_iterations} if args.num_iterations is not None else {}
     config = NoisePPOConfig(
         output_dir="/tmp/noise-ppo-overhead", num_inference_steps=args.num_inference_steps,
         num_generations=args.num_generations, per_device_train_batch_size=images_per_cycle,
-        sample_batch_size=args.num_generations, num_iterations=args.num_iterations,
-        max_steps=args.num_iterations * (2 * args.served_cycles + 2),
-        save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=args.num_iterations,
+        sample_batch_size=args.num_generations, loss_type=args.loss_type, base_comparison_every=0, max_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, **epochs,
     )
+    config.max_steps, config.logging_steps = config.num_iterations * (2 * args.served_cycles + 2), config.num_iterations
     with FixedTimeRewardServer(seconds_per_image) as server:
         reward = HTTPReward(server.url, name="served", batch_size=args.num_generations, timeout=60, retries=0)
         paths = AlternatingPathsAndBareCycles(pipe, prompts, reward, args)
@@ -277,7 +287,7 @@ def served_reward(args: BenchmarkArguments):
         alone = statistics.median(cycle / sample for cycle, sample, _ in runs)
         then_scoring = statistics.median(cycle / (sample + score) for cycle, sample, score in runs)
         print(f"score_while_sampling={overlapped!s:5}: {statistics.median(cycle for cycle, _, _ in runs):.3f} s per "
-              f"generation cycle (1 sampling + {args.num_iterations} PPO updates): {alone:.3f} x sampling alone, "
+              f"generation cycle (1 sampling + {config.num_iterations} updates): {alone:.3f} x sampling alone, "
               f"{then_scoring:.3f} x sampling then scoring (medians of {len(runs)} paired ratios)")
     logged = [entry for entry in trainer.state.log_history if "timing/wait" in entry]
     for name, entries in (("True ", logged[2::2]), ("False", logged[3::2])):

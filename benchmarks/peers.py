@@ -48,6 +48,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
+from benchmarks.defaults import OLD_DEFAULTS  # noqa: E402
 from benchmarks.process_memory import peak_memory_mb  # noqa: E402
 
 
@@ -67,6 +68,10 @@ class PeersArguments:
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Of {', '.join(METHODS)}."})
     reward_queries: int = field(default=6400, metadata={"help": "Images each trainer samples and scores."})
+    noise_ppo_defaults: str = field(
+        default="current",
+        metadata={"help": "current, or old: the defaults before the natural step (benchmarks/defaults.py).", "choices": ["current", "old"]},
+    )
     held_out_images: int = 512
     training_images: int = field(default=256, metadata={"help": "Training-prompt images that choose DDPO's sampler."})
     curve_images: int = field(default=128, metadata={"help": "Held-out images judged at each point of the curve."})
@@ -125,8 +130,8 @@ def noise_ppo(spec: dict) -> dict:
         seconds = 0.0
 
         def on_step_end(self, args, state, control, **kwargs):
-            queries = state.global_step // 4 * 64
-            if state.global_step % 4 == 0 and queries in spec["checkpoints"]:
+            queries = state.global_step // args.num_iterations * 64
+            if state.global_step % args.num_iterations == 0 and queries in spec["checkpoints"]:
                 start = time.perf_counter()
                 tuned = NoisePPOPipeline(pipeline, trainer.model)
                 curve = evaluation["curve"]
@@ -136,10 +141,12 @@ def noise_ppo(spec: dict) -> dict:
 
     config = NoisePPOConfig(
         output_dir=os.path.join(spec["output_dir"], "trainer"), num_inference_steps=spec["steps"],
-        guidance_scale=spec["guidance_scale"], num_generations=8, per_device_train_batch_size=64, num_iterations=4,
-        max_steps=4 * (spec["reward_queries"] // 64), save_strategy="no", report_to="none", disable_tqdm=True,
-        logging_steps=4, seed=spec["seed"],
+        guidance_scale=spec["guidance_scale"], num_generations=8, per_device_train_batch_size=64, max_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=spec["seed"],
+        **(OLD_DEFAULTS if spec["noise_ppo_defaults"] == "old" else {}),
     )
+    config.max_steps = config.num_iterations * (spec["reward_queries"] // 64)
+    config.logging_steps = config.num_iterations
     curve = Curve()
     trainer = NoisePPOTrainer(pipeline, ShapesAlignmentReward(), args=config, callbacks=[curve],
                               train_dataset=Dataset.from_dict({"prompt": balanced_prompts("training", 1024)}))
@@ -396,6 +403,7 @@ def main(args: PeersArguments):
             start = time.time()
             result = in_own_process(noise_ppo, {**common, "evaluation": evaluation, "checkpoints": checkpoints,
                                                 "reward_queries": args.reward_queries,
+                                                "noise_ppo_defaults": args.noise_ppo_defaults,
                                                 "output_dir": str(output_dir / f"noise_ppo-{steps}")})
             images = result.pop("images")
             noise_ppo_images = images["held-out"]

@@ -152,14 +152,22 @@ def test_train_with_push_to_hub_uploads_once_with_the_model_card_naming_the_data
         ({"--config": "missing.yaml"}, "No such file or directory: 'missing.yaml'"),
         ({"--config": "typo.yaml"}, "mapping values are not allowed here"),
         ({"--beta": "nan"}, "beta=nan"),
+        ({"--pipeline_kwargs": '{"negativ_prompt": "blurry"}'},
+         r"pipeline_kwargs has \['negativ_prompt'\], which StableDiffusionPipeline.__call__ does not take"),
+        ({"--pipeline_kwargs": '{"negative_prompt": blurry}'}, r"pipeline_kwargs must be a JSON object.*Expecting value"),
+        ({"--config": "list_for_int.yaml"}, r"The config file gives num_generations: \[4\], which is not an int"),
+        ({"--config": "float_for_list.yaml"}, r"The config file gives reward_weights: 1.0, which is not a list of floats"),
     ],
     ids=["unknown reward", "unimportable reward", "reward weights", "missing column", "missing prompt file",
-         "missing pipeline", "unknown argument", "no eval prompts", "unknown judge", "missing config", "yaml typo", "bad value"],
+         "missing pipeline", "unknown argument", "no eval prompts", "unknown judge", "missing config", "yaml typo", "bad value",
+         "pipeline_kwargs typo", "pipeline_kwargs not JSON", "list for an int", "number for a list"],
 )
 def test_train_errors_come_before_anything_loads_or_launches_as_one_line(tmp_path, tiny_sd, monkeypatch, capsys, change, message):
     monkeypatch.chdir(tmp_path)
     Path("prompts.jsonl").write_text('{"text": "a cat"}\n')
     Path("typo.yaml").write_text("max_steps: 2\nlearning_rate: 1e-3: 2\n")
+    Path("list_for_int.yaml").write_text("num_generations: [4]\nlearning_rate: 1.0e-3\nreport_to: [none]\n")
+    Path("float_for_list.yaml").write_text("reward_weights: 1.0\npipeline_kwargs: {negative_prompt: blurry}\n")
     monkeypatch.setattr("trl_noise_ppo.cli.launch_command", lambda args: pytest.fail("launched"))
     monkeypatch.setattr("diffusers.DiffusionPipeline.from_pretrained", lambda *a, **k: pytest.fail("loaded a pipeline"))
     arguments = {"--pipeline": str(tiny_sd), "--dataset_name": "prompts.jsonl", "--prompt_column": "text",

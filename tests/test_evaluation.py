@@ -200,6 +200,42 @@ def test_judges_by_name_and_several_evaluation_datasets(tmp_path):
     assert "on 3 evaluation prompts (heldout) x 2 images" in card and "on 4 evaluation prompts (training) x 2 images" in card
 
 
+def test_evaluation_blames_non_finite_images_and_noise_on_the_part_that_made_them(tmp_path):
+    """As in training: checked before any reward or judge sees them, which would otherwise be blamed for the NaN."""
+    pipe = build_pipeline("sd")
+    trainer = NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path), train_dataset=PROMPTS, eval_dataset=EVAL_PROMPTS)
+    with torch.no_grad():
+        trainer.model.head.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"The noise generator's noise is not finite \(NaN or inf\) for 4 of 4 samples"):
+        trainer._evaluation_scores(EVAL_PROMPTS, with_generator=True)
+
+    # what a float16 VAE that overflows returns
+    pipe.vae.decoder.register_forward_hook(lambda module, inputs, output: torch.full_like(output, float("nan")))
+    with pytest.raises(FloatingPointError, match=r"StableDiffusionPipeline made non-finite images \(NaN or inf\) for 4 of "
+                                                 r"4 samples from finite noise.*float16"):
+        trainer.evaluate()
+
+
+def test_evaluation_prompts_with_columns_named_like_pipeline_arguments_are_refused(tmp_path):
+    misnamed = EVAL_PROMPTS.add_column("negative_prompt", ["blurry"] * len(EVAL_PROMPTS))
+    message = r"The eval_dataset{} has columns \['negative_prompt'\], named like arguments of StableDiffusionPipeline"
+    with pytest.raises(ValueError, match=message.format(r"\['heldout'\]")):
+        NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path), train_dataset=PROMPTS,
+                        eval_dataset={"heldout": misnamed})
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path), train_dataset=PROMPTS)
+    with pytest.raises(ValueError, match=message.format("")):
+        trainer.evaluate(misnamed)
+
+
+def test_evaluation_reads_the_images_whatever_the_output_calls_them(tmp_path):
+    """Kandinsky 5's output names its images `image`."""
+    pipe = build_pipeline("kandinsky5")
+    args = make_config(tmp_path, num_inference_steps=1, height=64, width=64, per_device_train_batch_size=4)
+    trainer = NoisePPOTrainer(pipe, brightness, args=args, train_dataset=PROMPTS, eval_dataset=EVAL_PROMPTS)
+    metrics = trainer.evaluate()
+    assert metrics["eval_num_prompts"] == 3 and metrics["eval_rewards/brightness/gain"] == 0.0  # untrained
+
+
 def test_eval_steps_default_to_save_steps():
     config = NoisePPOConfig(output_dir="unused", eval_strategy="steps", save_steps=50, report_to="none")
     assert config.eval_steps == 50 and config.logging_steps == 1

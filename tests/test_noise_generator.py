@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
+from trl_noise_ppo import NoiseDistribution, NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_generator import load_noise_generator, pipeline_noise
 
 
@@ -30,6 +30,71 @@ def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True, arch
 
 def conditioning(batch=3):
     return {"prompt_embeds": torch.randn(batch, 7, 32), "pooled_prompt_embeds": torch.randn(batch, 16)}
+
+
+# ---- the policy: NoiseDistribution ----
+
+
+def random_distribution(batch=4, shape=(4, 5, 5), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return NoiseDistribution(torch.randn(batch, *shape, generator=generator), 0.3 * torch.randn(batch, *shape, generator=generator))
+
+
+def test_sample_log_prob_and_kl_are_those_of_the_diagonal_gaussian():
+    policy = random_distribution()
+    normal = torch.distributions.Normal(policy.mean, policy.log_std.exp())
+    eps = torch.randn(policy.mean.shape)
+    x = policy.sample(eps)
+    torch.testing.assert_close(x, policy.mean + policy.log_std.exp() * eps)
+    torch.testing.assert_close(policy.log_prob(x), normal.log_prob(x).flatten(1).mean(1))
+    standard = torch.distributions.Normal(torch.zeros_like(policy.mean), torch.ones_like(policy.mean))
+    torch.testing.assert_close(policy.kl_to_prior(), torch.distributions.kl_divergence(normal, standard).flatten(1).mean(1))
+    prior = NoiseDistribution(torch.zeros(2, 3), torch.zeros(2, 3))
+    assert prior.kl_to_prior().abs().max() == 0 and torch.equal(prior.sample(eps[:2, 0, 0, :3]), eps[:2, 0, 0, :3])
+
+
+def test_natural_step_is_the_nes_update_of_each_group():
+    policy = random_distribution(batch=6).repeat_interleave(1)
+    eps = torch.randn(policy.mean.shape)
+    x = policy.sample(eps)
+    advantages = torch.tensor([1.0, -1.0, 0.5, 2.0, 0.0, -2.0])
+    target = policy.natural_step(x, advantages, group_size=3, step_size=0.4, std_step_size=0.1, beta=0.05)
+    std = policy.log_std.exp()
+    for group in (slice(0, 3), slice(3, 6)):
+        weights = advantages[group].view(-1, 1, 1, 1)
+        mean_gradient = std[group] * (weights * eps[group]).mean(0) - 0.05 * std[group] ** 2 * policy.mean[group]
+        log_std_gradient = (weights * (eps[group] ** 2 - 1)).mean(0) / 2 - 0.05 * (std[group] ** 2 - 1) / 2
+        torch.testing.assert_close(target.mean[group], policy.mean[group] + 0.4 * mean_gradient)
+        torch.testing.assert_close(target.log_std[group], policy.log_std[group] + 0.1 * log_std_gradient)
+
+
+def test_natural_step_moves_the_mean_towards_better_samples_and_keeps_a_fixed_std():
+    prior = NoiseDistribution(torch.zeros(8, 16), torch.zeros(8, 16))
+    x = torch.randn(8, 16)
+    advantages = torch.tensor([1.0, -1.0] * 4)  # the even samples scored higher
+    target = prior.natural_step(x, advantages, group_size=8, step_size=1.0, std_step_size=0.0, beta=0.0)
+    torch.testing.assert_close(target.mean[0], (x[0::2].sum(0) - x[1::2].sum(0)) / 8)
+    assert torch.equal(target.log_std, prior.log_std)
+    # beta alone pulls a drifted mean back towards N(0, I)
+    drifted = NoiseDistribution(torch.ones(8, 16), torch.zeros(8, 16))
+    pulled = drifted.natural_step(drifted.sample(x), torch.zeros(8), 8, step_size=1.0, std_step_size=0.0, beta=0.1)
+    torch.testing.assert_close(pulled.mean, torch.full((8, 16), 0.9))
+
+
+def test_squared_distance_and_repeat_interleave():
+    policy, target = random_distribution(seed=1), random_distribution(seed=2)
+    expected = ((policy.mean - target.mean) ** 2 + (policy.log_std - target.log_std) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(policy.squared_distance(target), expected)
+    assert policy.squared_distance(policy).abs().max() == 0
+    repeated = policy.repeat_interleave(3)
+    assert torch.equal(repeated.mean[3:6], policy.mean[1].expand(3, 4, 5, 5))
+
+
+def test_generator_returns_a_noise_distribution():
+    policy = make_generator()(**conditioning())
+    assert isinstance(policy, NoiseDistribution)
+    mean, log_std = policy
+    assert mean is policy.mean and log_std is policy.log_std
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -178,7 +243,7 @@ def test_a_new_generator_config_defaults_to_what_the_trainer_builds():
     """A generator built by hand and one the trainer builds from NoisePPOConfig's defaults are the same policy."""
     trainer_defaults = {field.name: field.default for field in dataclasses.fields(NoisePPOConfig)}
     config = NoiseGeneratorConfig()
-    assert config.learn_sigma == trainer_defaults["learn_sigma"] is True
+    assert config.learn_sigma == trainer_defaults["learn_sigma"] is False
     assert config.project_to_shell == trainer_defaults["project_to_shell"]
     for name in ("architecture", "hidden_dim", "grid_size", "grid_channels"):
         assert getattr(config, name) == trainer_defaults[f"generator_{name}"], name
@@ -196,6 +261,30 @@ def test_the_method_page_states_the_generators_measured_size():
     for name, tokens, pooled, side in (("SD 1.5", 768, None, 64), ("SDXL", 2048, 1280, 128)):
         config = NoiseGeneratorConfig(noise_shape=[4, side, side], prompt_embeds_dim=tokens, pooled_prompt_embeds_dim=pooled)
         sizes[name] = NoiseGenerator(config).num_parameters()
-    assert sizes == {"SD 1.5": 1_366_472, "SDXL": 2_063_880}
+    assert sizes == {"SD 1.5": 1_364_164, "SDXL": 2_061_572}
     method = (Path(__file__).parent.parent / "docs" / "method.md").read_text()
-    assert "1.37M parameters for SD 1.5 and 2.06M for SDXL" in method
+    assert "1.36M parameters for SD 1.5 and 2.06M for SDXL" in method
+
+
+def test_the_public_loader_refuses_what_load_noise_generator_refuses(tmp_path):
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=32, hidden_dim=64)
+    NoiseGenerator(config).save_pretrained(tmp_path / "edited")
+    saved = json.loads((tmp_path / "edited" / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**saved, "architecture": "token_attention"}))
+    with pytest.raises(ValueError, match="do not fit its config.json \\(architecture 'token_attention'\\)"):
+        NoiseGenerator.from_pretrained(tmp_path / "edited")
+
+    NoiseGenerator(config).save_pretrained(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=f"Could not read the weights in {tmp_path / 'truncated'}.*damaged or incomplete"):
+        NoiseGenerator.from_pretrained(tmp_path / "truncated")
+    # what the caller asks for is what it gets
+    generator, info = NoiseGenerator.from_pretrained(tmp_path / "edited", architecture="pooled_mlp", output_loading_info=True)
+    assert isinstance(generator, NoiseGenerator) and not info["missing_keys"]
+
+
+@pytest.mark.parametrize("path", ["./no/such/generator", "/no/such/generator", "~/no/such/generator", "no/such/generator"])
+def test_a_missing_generator_folder_is_named(path):
+    with pytest.raises(FileNotFoundError, match=f"The noise generator {path} does not exist"):
+        load_noise_generator(path)

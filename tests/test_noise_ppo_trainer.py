@@ -3,10 +3,12 @@ import functools
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
 import types
+from concurrent.futures import Future
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -22,7 +24,7 @@ from transformers import TrainerCallback
 
 from trl_noise_ppo import noise_ppo_trainer as trainer_module
 from trl_noise_ppo.noise_injection import generator_inputs
-from trl_noise_ppo.noise_ppo_trainer import gaussian_log_density, group_advantages, kl_to_standard_normal
+from trl_noise_ppo.noise_ppo_trainer import group_advantages
 from trl_noise_ppo.rewards import HTTPReward, MissingWeightsError
 from trl_noise_ppo.shapes import ShapesAlignmentReward, load_shapes_pipeline, training_prompts
 
@@ -54,20 +56,6 @@ def make_config(tmp_path, **overrides):
 # ---- the equations ----
 
 
-def test_gaussian_log_density_is_per_dimension_mean_of_normal_log_prob():
-    x, mu, log_sigma = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5), 0.3 * torch.randn(3, 4, 5, 5)
-    expected = torch.distributions.Normal(mu, log_sigma.exp()).log_prob(x).flatten(1).mean(1)
-    torch.testing.assert_close(gaussian_log_density(x, mu, log_sigma), expected)
-
-
-def test_kl_to_standard_normal_matches_torch():
-    mu, log_sigma = torch.randn(3, 4, 5, 5), 0.3 * torch.randn(3, 4, 5, 5)
-    standard = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
-    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mu, log_sigma.exp()), standard)
-    torch.testing.assert_close(kl_to_standard_normal(mu, log_sigma), expected.flatten(1).mean(1))
-    assert kl_to_standard_normal(torch.zeros(2, 3), torch.zeros(2, 3)).abs().max() == 0
-
-
 def test_group_advantages_normalise_within_each_prompt_group():
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0, 5.0, float("nan"), 7.0, 4.0, float("nan"), float("nan")])
     advantages = group_advantages(rewards, num_generations=3, clip=5.0).view(4, 3)
@@ -97,16 +85,28 @@ def test_training_changes_only_the_generator(tmp_path):
     assert all(torch.equal(value, frozen[name]) for name, value in pipe.unet.state_dict().items())
     assert not any(p.requires_grad for component in (pipe.unet, pipe.vae, pipe.text_encoder) for p in component.parameters())
     logged = trainer.state.log_history[0]
-    for key in ("reward", "reward_std", "rewards/brightness/mean", "rewards/brightness/std", "clip_fraction",
-                "approx_kl", "kl_prior", "policy/sigma", "policy/mu_rms"):
+    for key in ("reward", "reward_std", "rewards/brightness/mean", "rewards/brightness/std", "gain_over_base", "step_rms",
+                "kl", "policy/sigma", "policy/mu_rms"):
         assert key in logged and math.isfinite(logged[key]), key
 
 
-def test_reward_rises(tmp_path):
+def test_ppo_clip_logs_its_clip_ratio(tmp_path):
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, loss_type="ppo_clip", max_steps=2),
+                              train_dataset=PROMPTS)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for key in ("clip_ratio/region_mean", "approx_kl", "kl", "gain_over_base"):
+        assert key in logged and math.isfinite(logged[key]), key
+    assert "step_rms" not in logged
+
+
+@pytest.mark.parametrize("loss_type, overrides", [("natural_step", {"step_size": 2.0}), ("ppo_clip", {"learning_rate": 3e-3})])
+def test_reward_rises(tmp_path, loss_type, overrides):
     """Learning test: brightness moves little with the noise of a random tiny pipeline, so the rise is measured in
     units of the reward's spread over noise draws, against the same measurement on the untrained generator."""
     pipe = build_pipeline("sd")
-    args = make_config(tmp_path, max_steps=30, num_iterations=2, learning_rate=3e-3, num_generations=8, per_device_train_batch_size=16)
+    args = make_config(tmp_path, max_steps=30, num_iterations=2, num_generations=8, per_device_train_batch_size=16,
+                       loss_type=loss_type, **overrides)
     trainer = NoisePPOTrainer(pipe, brightness, args=args, train_dataset=PROMPTS)
 
     def mean_and_std(generator):
@@ -270,7 +270,8 @@ def test_dataset_columns_reach_the_reward(tmp_path):
         return [0.0] * len(images)
 
     dataset = PROMPTS.add_column("category", ["circle", "square", "triangle", "star"])
-    trainer = NoisePPOTrainer(build_pipeline("sd"), reward, args=make_config(tmp_path, max_steps=1), train_dataset=dataset)
+    args = make_config(tmp_path, max_steps=1, base_comparison_every=0)
+    trainer = NoisePPOTrainer(build_pipeline("sd"), reward, args=args, train_dataset=dataset)
     trainer.train()
     assert len(seen["prompts"]) == 8 and len(seen["category"]) == 8
     assert {(p.split()[-1], c) for p, c in zip(seen["prompts"], seen["category"])} <= {
@@ -312,7 +313,7 @@ def test_concurrent_rewards_score_each_chunk_while_the_next_samples(tmp_path, mo
     recorded = {}
     monkeypatch.setattr(trainer_module, "log_images", lambda trainer, images, prompts, rewards: recorded.update(images=images, rewards=rewards))
     args = make_config(tmp_path, per_device_train_batch_size=12, num_generations=4, sample_batch_size=4,
-                       reward_weights=[2.0, 1.0], score_while_sampling=score_while_sampling)
+                       reward_weights=[2.0, 1.0], score_while_sampling=score_while_sampling, base_comparison_every=0)
     trainer = NoisePPOTrainer(build_pipeline("sd"), [zero, served], args=args, train_dataset=PROMPTS)
     assert trainer.concurrent_rewards == [False, True]
     events.clear()  # of the trainer's one-off call that finds the noise's shape
@@ -575,6 +576,9 @@ def test_same_seed_gives_bit_identical_generators_in_fresh_processes(tmp_path):
         (dict(gradient_accumulation_steps=2, per_device_train_batch_size=4, num_iterations=1, max_steps=6), 2),
         # three PPO epochs per generation batch: the checkpoint falls between two of them, in the second data epoch
         (dict(num_iterations=3, max_steps=12), 8),
+        # two generation batches in each optimiser step
+        (dict(gradient_accumulation_steps=4, steps_per_generation=1, per_device_train_batch_size=4, num_iterations=2,
+              max_steps=4), 2),
     ],
 )
 def test_resume_is_exact_with_accumulation_and_ppo_epochs(tmp_path, overrides, checkpoint):
@@ -648,42 +652,125 @@ def test_a_checkpoint_without_its_rollout_does_not_resume(tmp_path):
 
 
 def test_clipped_surrogate_stops_the_gradient_only_on_the_side_the_advantage_pushes_past(tmp_path):
-    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, beta=0.0, epsilon=0.2), train_dataset=PROMPTS)
+    args = make_config(tmp_path, loss_type="ppo_clip", beta=0.0, epsilon=0.2)
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=args, train_dataset=PROMPTS)
     rollout = trainer._sample_and_score(TWO_PROMPTS)
     with torch.no_grad():
-        new_log_density = gaussian_log_density(rollout["noise"], *trainer.model(**generator_inputs(rollout)))
+        new_log_prob = trainer.model(**generator_inputs(rollout)).log_prob(rollout["noise"])
     ratios = torch.tensor([1.5, 0.5, 1.0, 1.5, 0.5, 1.0, 1.5, 0.5])
     advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0, -1.0])
-    old_log_density = (new_log_density - ratios.log()).requires_grad_(True)
-    trainer.compute_loss(trainer.model, {**rollout, "old_log_density": old_log_density, "advantages": advantages,
+    old_log_prob = (new_log_prob - ratios.log()).requires_grad_(True)
+    trainer.compute_loss(trainer.model, {**rollout, "old_log_prob": old_log_prob, "advantages": advantages,
                                          "rewarded": torch.ones(8)}).backward()
-    moving = old_log_density.grad != 0
+    moving = old_log_prob.grad != 0
     # A > 0: a ratio above 1 + epsilon is clipped, one below 1 - epsilon is not; A < 0 the other way round
     assert moving.tolist() == [False, True, True, True, False, True, False, False]
 
 
-def test_loss_is_beta_times_kl_at_zero_advantage(tmp_path):
-    trainer = _perturbed(NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, beta=0.5), train_dataset=PROMPTS))
+def test_ppo_clip_loss_is_beta_times_kl_at_zero_advantage(tmp_path):
+    args = make_config(tmp_path, loss_type="ppo_clip", beta=0.5)
+    trainer = _perturbed(NoisePPOTrainer(build_pipeline("sd"), brightness, args=args, train_dataset=PROMPTS))
     rollout = trainer._sample_and_score(TWO_PROMPTS)
     loss = trainer.compute_loss(trainer.model, {**rollout, "advantages": torch.zeros(8)})
-    kl = kl_to_standard_normal(*trainer.model(**generator_inputs(rollout))).mean()
+    kl = trainer.model(**generator_inputs(rollout)).kl_to_prior().mean()
     assert kl > 1e-4
     torch.testing.assert_close(loss, 0.5 * kl)
 
 
 def test_first_ratio_is_one_for_a_prompt_dependent_generator(tmp_path):
-    trainer = _perturbed(NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path), train_dataset=PROMPTS))
+    args = make_config(tmp_path, loss_type="ppo_clip")
+    trainer = _perturbed(NoisePPOTrainer(build_pipeline("sd"), brightness, args=args, train_dataset=PROMPTS))
     rollout = trainer._sample_and_score(TWO_PROMPTS)
-    mu, log_sigma = trainer.model(**generator_inputs(rollout))
-    assert (mu[0] - mu[4]).abs().max() > 1e-3  # the two prompts get different noise means
-    torch.testing.assert_close(gaussian_log_density(rollout["noise"], mu, log_sigma), rollout["old_log_density"], rtol=0, atol=1e-6)
+    policy = trainer.model(**generator_inputs(rollout))
+    assert (policy.mean[0] - policy.mean[4]).abs().max() > 1e-3  # the two prompts get different noise means
+    torch.testing.assert_close(policy.log_prob(rollout["noise"]), rollout["old_log_prob"], rtol=0, atol=1e-6)
+
+
+def test_natural_step_rollout_holds_each_prompts_stepped_distribution(tmp_path):
+    args = make_config(tmp_path, learn_sigma=True, step_size=0.3, std_step_size=0.2, beta=0.1)
+    trainer = _perturbed(NoisePPOTrainer(build_pipeline("sd"), brightness, args=args, train_dataset=PROMPTS), sigma_bias=0.2)
+    rollout = trainer._sample_and_score(TWO_PROMPTS)
+    assert "old_log_prob" not in rollout
+    with torch.no_grad():
+        policy = trainer.model(**generator_inputs(rollout))
+    expected = policy.natural_step(rollout["noise"], rollout["advantages"], 4, step_size=0.3, std_step_size=0.2, beta=0.1)
+    torch.testing.assert_close(rollout["target_mean"], expected.mean)
+    torch.testing.assert_close(rollout["target_log_std"], expected.log_std)
+    # one target per prompt, shared by its group; the two prompts' differ
+    assert torch.equal(rollout["target_mean"][0], rollout["target_mean"][3])
+    assert not torch.equal(rollout["target_mean"][0], rollout["target_mean"][4])
+    # the loss is the squared distance to the target, which the epochs shrink (down to the part of the step the
+    # generator can represent: its 8 x 8 grid, upsampled, cannot follow each of the 32 x 32 noise elements)
+    loss = trainer.compute_loss(trainer.model, rollout)
+    torch.testing.assert_close(loss, policy.squared_distance(expected).mean())
+    optimizer = torch.optim.Adam(trainer.model.parameters(), lr=1e-3)
+    for _ in range(20):
+        optimizer.zero_grad()
+        trainer.compute_loss(trainer.model, rollout).backward()
+        optimizer.step()
+    with torch.no_grad():
+        moved = trainer.model(**generator_inputs(rollout)).mean - policy.mean
+    assert trainer.compute_loss(trainer.model, rollout) < 0.8 * loss
+    assert torch.nn.functional.cosine_similarity(moved.flatten(), (expected.mean - policy.mean).flatten(), dim=0) > 0.3
+
+
+def test_fixed_sigma_stays_fixed_under_the_natural_step(tmp_path):
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, max_steps=4), train_dataset=PROMPTS)
+    assert trainer.model.config.learn_sigma is False
+    trainer.train()
+    policy = trainer.model(**generator_inputs(trainer._sample_and_score(TWO_PROMPTS)))
+    assert torch.equal(policy.log_std, torch.zeros_like(policy.log_std)) and policy.mean.abs().max() > 0
+
+
+def test_gain_over_base_compares_each_prompts_first_image_with_the_base_pipeline_on_the_same_eps(tmp_path, monkeypatch):
+    pipe = build_pipeline("sd")
+    trainer = _perturbed(NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path), train_dataset=PROMPTS), scale=3.0)
+    assert trainer.args.base_comparison_every == 4 and trainer._step == 0  # the first generation batch compares
+    received = []
+    original_call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *args, **kwargs: received.append(kwargs["latents"]) or original_call(self, *args, **kwargs))
+    rollout = trainer._sample_and_score(TWO_PROMPTS)
+    policy_latents, base_latents = received
+    assert len(policy_latents) == 8 and len(base_latents) == 2  # one base image per prompt
+    with torch.no_grad():
+        policy = trainer.model(**generator_inputs(rollout))
+    eps = (rollout["noise"] - policy.mean) / policy.log_std.exp()
+    torch.testing.assert_close(base_latents, eps[::4])  # the prior's draw, from the same eps as the first image
+    base = torch.tensor(brightness(original_call(pipe, prompt=["a red circle", "a blue square"], latents=base_latents,
+                                                 num_inference_steps=2, output_type="pt").images, None))
+    tuned = torch.tensor(brightness(original_call(pipe, prompt=["a red circle", "a blue square"], latents=policy_latents[::4],
+                                                  num_inference_steps=2, output_type="pt").images, None))
+    assert trainer._metrics["gain_over_base"] == [pytest.approx((tuned - base).mean().item(), abs=1e-5)]
+    assert (tuned - base).abs().max() > 1e-4
+
+
+def test_base_comparisons_come_every_base_comparison_every_generation_batches(tmp_path, monkeypatch):
+    pipe = build_pipeline("sd")
+    # 4 generation batches (2 optimiser steps each); the first and third compare
+    args = make_config(tmp_path, max_steps=8, num_iterations=2, base_comparison_every=2, logging_steps=100)
+    trainer = NoisePPOTrainer(pipe, brightness, args=args, train_dataset=PROMPTS)
+    sizes = []
+    original_call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **kwargs: sizes.append(len(kwargs["latents"])) or original_call(self, *a, **kwargs))
+    trainer.train()
+    assert sizes == [8, 2, 8, 8, 2, 8]  # each batch's 8 images; 2 base images (one per prompt) every second batch
+
+
+def test_no_base_images_without_base_comparisons(tmp_path, monkeypatch):
+    pipe = build_pipeline("sd")
+    trainer = NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path, base_comparison_every=0), train_dataset=PROMPTS)
+    calls = []
+    original_call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *args, **kwargs: calls.append(1) or original_call(self, *args, **kwargs))
+    trainer._sample_and_score(TWO_PROMPTS)
+    assert len(calls) == 1 and "gain_over_base" not in trainer._metrics
 
 
 def test_sampled_noise_has_unit_spread_around_the_learned_mean(tmp_path):
     args = make_config(tmp_path, learn_sigma=True)
     trainer = _perturbed(NoisePPOTrainer(build_pipeline("sd"), brightness, args=args, train_dataset=PROMPTS), sigma_bias=0.7)
     rollout = trainer._sample_and_score(TWO_PROMPTS)
-    mu, log_sigma = trainer.model(**generator_inputs(rollout))
+    mu, log_sigma = trainer.model(**generator_inputs(rollout))  # a NoiseDistribution unpacks as (mean, log_std)
     assert log_sigma.mean() > 0.5
     z = (rollout["noise"] - mu) / log_sigma.exp()
     assert abs(z.std().item() - 1) < 0.02 and abs(z.mean().item()) < 0.02
@@ -691,7 +778,8 @@ def test_sampled_noise_has_unit_spread_around_the_learned_mean(tmp_path):
 
 def test_project_to_shell_rescales_the_noise_the_pipeline_gets_not_the_action(tmp_path, monkeypatch):
     pipe = build_pipeline("sd")
-    trainer = _perturbed(NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path, project_to_shell=True), train_dataset=PROMPTS), sigma_bias=0.7)
+    args = make_config(tmp_path, project_to_shell=True, learn_sigma=True, base_comparison_every=0)
+    trainer = _perturbed(NoisePPOTrainer(pipe, brightness, args=args, train_dataset=PROMPTS), sigma_bias=0.7)
     assert trainer.model.config.project_to_shell is True
     received = []
     original_call = type(pipe).__call__
@@ -733,3 +821,276 @@ def test_model_card_links_the_trackers_and_names_the_training_command(tmp_path, 
     assert f"trackio:{trackio_url}" in card  # the tag, as TRL's cards have it
     assert "trl-noise-ppo train --config my.yaml" in card and "reward_funcs: [brightness]" in card
     assert "## Evaluation" not in card  # no evaluation ran
+
+
+# ---- damaged checkpoints ----
+
+
+RESUME_RUN = dict(max_steps=4, num_iterations=2, save_strategy="steps", save_steps=1)
+
+
+@pytest.fixture(scope="module")
+def run_with_checkpoints(tmp_path_factory):
+    """An uninterrupted run that left a checkpoint after each of its 4 steps, and its final weights."""
+    tmp_path = tmp_path_factory.mktemp("run_with_checkpoints")
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, **RESUME_RUN), train_dataset=PROMPTS)
+    trainer.train()
+    return Path(trainer.args.output_dir), trainer.model.state_dict()
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _nan_weights(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file({name: torch.full_like(value, float("nan")) for name, value in load_file(path).items()}, path)
+
+
+DAMAGES = {
+    "truncated weights": ("model.safetensors", _truncated, r"its model.safetensors is damaged or incomplete"),
+    "nan weights": ("model.safetensors", _nan_weights, r"its model.safetensors holds non-finite"),
+    "missing optimizer": ("optimizer.pt", Path.unlink, r"it has no optimizer.pt"),
+    "truncated optimizer": ("optimizer.pt", _truncated, r"its optimizer.pt is damaged or incomplete"),
+    "missing rng state": ("rng_state.pth", Path.unlink, r"it has no rng_state.pth"),
+    "truncated trainer state": ("trainer_state.json", _truncated, r"its trainer_state.json is damaged or incomplete"),
+    "truncated rollout": ("noise_ppo_rollout_0.pt", _truncated, r"its noise_ppo_rollout_0.pt is damaged or incomplete"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
+def test_resume_true_skips_a_damaged_checkpoint_and_a_named_one_is_refused(tmp_path, run_with_checkpoints, damage):
+    file_name, damaged, reason = damage
+    finished, expected = run_with_checkpoints
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "checkpoint-4")
+    damaged(out / "checkpoint-3" / file_name)
+
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, **RESUME_RUN), train_dataset=PROMPTS)
+    with pytest.raises(ValueError, match=rf"Cannot resume exactly from {out / 'checkpoint-3'}: {reason}.*resume_from_checkpoint=True"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, **RESUME_RUN), train_dataset=PROMPTS)
+    with pytest.warns(UserWarning, match=rf"skipped checkpoint-3 \({reason}.*resuming from checkpoint-2"):
+        trainer.train(resume_from_checkpoint=True)
+    for name, value in expected.items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+
+
+def test_resume_true_without_a_complete_checkpoint_names_each_one(tmp_path, run_with_checkpoints):
+    finished, _ = run_with_checkpoints
+    out = tmp_path / "out"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("checkpoint-3", "checkpoint-4"))
+    (out / "checkpoint-2" / "optimizer.pt").unlink()
+    _truncated(out / "checkpoint-1" / "model.safetensors")
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path, **RESUME_RUN), train_dataset=PROMPTS)
+    with pytest.raises(ValueError, match=r"No checkpoint in .* can resume the run exactly: checkpoint-2 \(it has no "
+                                         r"optimizer.pt.*\), checkpoint-1 \(its model.safetensors is damaged"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+# ---- failures while a reward is busy ----
+
+
+def test_a_sampling_error_does_not_wait_for_a_busy_reward(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    released = threading.Event()
+
+    async def hung(images, **kwargs):  # a reward server that answers after 30 s, or when the test ends
+        deadline = time.monotonic() + 30
+        while not released.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return [0.0] * len(images)
+
+    pipe = build_pipeline("sd")
+    trainer = NoisePPOTrainer(pipe, hung, args=make_config(tmp_path, sample_batch_size=4), train_dataset=PROMPTS)
+    sample, calls = type(pipe).__call__, []
+
+    def failing_on_the_second_chunk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", failing_on_the_second_chunk)
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            trainer._sample_and_score(TWO_PROMPTS)
+        assert time.monotonic() - start < 10
+    finally:
+        released.set()
+
+
+# ---- non-finite values blamed on the part that made them ----
+
+
+def test_nan_images_are_blamed_on_the_pipeline_not_on_the_reward(tmp_path):
+    pipe = build_pipeline("sd")
+    # what a float16 VAE that overflows returns
+    pipe.vae.decoder.register_forward_hook(lambda module, inputs, output: torch.full_like(output, float("nan")))
+    trainer = NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path, max_steps=1), train_dataset=PROMPTS)
+    with pytest.raises(FloatingPointError, match=r"StableDiffusionPipeline made non-finite images \(NaN or inf\) for 8 of "
+                                                 r"8 samples from finite noise.*float16"):
+        trainer.train()
+
+
+def test_a_generator_holding_nan_is_refused_when_loaded_and_blamed_when_given(tmp_path):
+    generator = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path), train_dataset=PROMPTS).model
+    with torch.no_grad():
+        generator.head.bias.fill_(float("nan"))
+    generator.save_pretrained(tmp_path / "nan-generator")
+    with pytest.raises(ValueError, match=f"The weights in {tmp_path / 'nan-generator'} are not finite"):
+        NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path), train_dataset=PROMPTS,
+                        noise_generator=str(tmp_path / "nan-generator"))
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path), train_dataset=PROMPTS,
+                              noise_generator=generator)
+    with pytest.raises(FloatingPointError, match=r"The noise generator's noise is not finite \(NaN or inf\) for 8 of 8 samples"):
+        trainer.train()
+
+
+# ---- dataset columns named like pipeline arguments ----
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [("latents", [0.0]), ("generator", 0), ("prompt_embeds", [0.0]), ("eta", 0.5), ("negative_prompt", "blurry"),
+     ("num_inference_steps", 50)],
+)
+def test_columns_named_like_pipeline_arguments_that_do_not_vary_per_prompt_are_refused(tmp_path, column, value):
+    dataset = PROMPTS.add_column(column, [value] * len(PROMPTS))
+    with pytest.raises(ValueError, match=rf"columns \['{column}'\], named like arguments of StableDiffusionPipeline.__call__ "
+                                         r"that are not per-prompt images.*pipeline_kwargs.*rename"):
+        NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path), train_dataset=dataset)
+
+
+# ---- several generation batches in one optimiser step ----
+
+
+def test_generation_batches_within_one_optimiser_step_draw_their_own_noise(tmp_path):
+    args = make_config(tmp_path, gradient_accumulation_steps=4, steps_per_generation=1, num_iterations=1,
+                       per_device_train_batch_size=4, max_steps=2)
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=args, train_dataset=PROMPTS)
+    rollouts, sample_and_score = [], trainer._sample_and_score
+    trainer._sample_and_score = lambda batch: rollouts.append(sample_and_score(batch)) or rollouts[-1]
+    trainer.train()
+    assert len(rollouts) == 8  # 4 generation batches per optimiser step
+    noises = [rollout["noise"] for rollout in rollouts]
+    assert all(not torch.equal(noises[i], noises[j]) for i in range(8) for j in range(i))
+
+
+# ---- pushing checkpoints to the Hub ----
+
+
+class DeferredUploadHub:
+    """A fake Hub whose background uploads (`run_as_future=True`) read the folder only when `run_pending` is called:
+    as a slow upload would, in the middle of whatever the trainer does next."""
+
+    def __init__(self):
+        self.uploads, self.pending = [], []
+
+    def create_repo(self, repo_name, **kwargs):
+        return type("RepoUrl", (), {"repo_id": f"user/{repo_name}"})()
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, run_as_future=False, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        def upload():
+            files = [path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*") if path.is_file()]
+            try:
+                contents = {name: (Path(folder_path) / name).read_bytes()
+                            for name in filter_repo_objects(files, ignore_patterns=ignore_patterns)}
+            except OSError as error:  # a file listed, then moved or deleted before it was read
+                contents = error
+            self.uploads.append((path_in_repo or "", Path(folder_path).exists(), contents))
+
+        if not run_as_future:
+            return upload()
+        future = Future()
+        self.pending.append((future, upload))
+        return future
+
+    def run_pending(self):
+        while self.pending:
+            future, upload = self.pending.pop(0)
+            upload()
+            future.set_result(None)
+
+
+def test_pushed_checkpoints_are_uploaded_from_their_place_without_the_staging_folder(tmp_path, monkeypatch):
+    hub = DeferredUploadHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+
+    class RunUploadsAtTheEnd(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            hub.run_pending()
+
+    args = make_config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, push_to_hub=True,
+                       hub_model_id="noise", hub_strategy="checkpoint", hub_always_push=True)
+    trainer = NoisePPOTrainer(build_pipeline("sd"), brightness, args=args, train_dataset=PROMPTS, callbacks=[RunUploadsAtTheEnd()])
+    save_rng_state = trainer._save_rng_state
+
+    def uploads_run_while_the_next_checkpoint_is_written(output_dir):
+        hub.run_pending()
+        save_rng_state(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_rng_state", uploads_run_while_the_next_checkpoint_is_written)
+    trainer.train()
+
+    checkpoints = [contents for path, _, contents in hub.uploads if path == "last-checkpoint"]
+    outputs = [contents for path, _, contents in hub.uploads if path == ""]
+    assert len(checkpoints) == len(outputs) == 3
+    assert all(exists and not isinstance(contents, Exception) for _, exists, contents in hub.uploads), hub.uploads
+    for contents in checkpoints:
+        assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "noise_ppo_rollout_0.pt"} <= set(contents)
+    for contents in outputs:
+        assert "model.safetensors" in contents and not [name for name in contents if "/" in name], sorted(contents)
+
+
+# ---- mistakes named as such ----
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(pipeline_kwargs='{"negative_prompt": blurry}'), r"pipeline_kwargs must be a JSON object.*got '\{\"negative_prompt\": blurry\}' \(Expecting value"),
+        (dict(bf16=True), r"bf16=True.*the generator trains in float32.*dtype"),
+        (dict(fp16=True), r"fp16=True.*the generator trains in float32.*dtype"),
+    ],
+)
+def test_config_names_the_field_at_fault(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **overrides)
+
+
+def test_a_plain_torch_dataset_of_rows_trains(tmp_path):
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(PROMPTS)
+
+        def __getitem__(self, index):
+            return {"prompt": PROMPTS[index]["prompt"], "category": index}
+
+    seen = []
+    trainer = NoisePPOTrainer(build_pipeline("sd"), lambda images, category, **kw: seen.extend(category) or brightness(images, None),
+                              args=make_config(tmp_path, max_steps=1, base_comparison_every=0), train_dataset=Rows())
+    trainer.train()
+    assert len(seen) == 8 and set(seen) <= {0, 1, 2, 3}
+    with pytest.raises(ValueError, match=r"Row 0 of the train_dataset is a tuple.*dict with a `prompt`"):
+        NoisePPOTrainer(build_pipeline("sd"), brightness, args=make_config(tmp_path), train_dataset=[("a cat",)] * 4)
+
+
+def test_a_reward_that_leaves_each_group_one_score_says_that_nothing_is_learned(tmp_path):
+    def every_second(images, **kwargs):
+        return [None if i % 2 else float(i) for i in range(len(images))]
+
+    trainer = NoisePPOTrainer(build_pipeline("sd"), every_second, args=make_config(tmp_path, num_generations=2),
+                              train_dataset=PROMPTS)
+    batch = [{"prompt": p} for p in ["a red circle"] * 2 + ["a blue square"] * 2 + ["a green triangle"] * 2 + ["a yellow star"] * 2]
+    with pytest.warns(UserWarning, match="No prompt of this generation batch has two or more scored images.*nothing is learned"):
+        rollout = trainer._sample_and_score(batch)
+    assert torch.equal(rollout["advantages"], torch.zeros(8))

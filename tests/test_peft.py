@@ -1,5 +1,6 @@
 """LoRA adapters on a trained noise generator, through peft."""
 
+import json
 import shutil
 
 import pytest
@@ -92,4 +93,32 @@ def test_adapter_whose_base_generator_is_gone_is_explained(base_generator_dir, t
     get_peft_model(NoiseGenerator.from_pretrained(tmp_path / "base"), LoraConfig(r=4, target_modules=LORA_TARGETS)).save_pretrained(adapter)
     shutil.rmtree(tmp_path / "base")
     with pytest.raises(FileNotFoundError, match=f"was trained on the generator {tmp_path / 'base'}, which does not exist any more"):
+        load_noise_generator(adapter)
+
+
+def _adapter(base_generator_dir, folder):
+    get_peft_model(NoiseGenerator.from_pretrained(base_generator_dir), LoraConfig(r=4, target_modules=LORA_TARGETS)).save_pretrained(folder)
+    return folder
+
+
+def test_an_adapter_folder_without_weights_is_named(base_generator_dir, tmp_path):
+    adapter = _adapter(base_generator_dir, tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=f"The LoRA adapter {adapter} has no weights \\(adapter_model.safetensors\\)"):
+        load_noise_generator(adapter)
+
+
+def test_an_adapter_whose_base_is_not_recorded_is_explained(base_generator_dir, tmp_path):
+    adapter = _adapter(base_generator_dir, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(ValueError, match="does not record the generator it was trained on.*base_model_name_or_path"):
+        load_noise_generator(adapter)
+
+
+def test_a_truncated_adapter_is_named(base_generator_dir, tmp_path):
+    adapter = _adapter(base_generator_dir, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=f"Could not read the weights in {adapter}.*damaged or incomplete"):
         load_noise_generator(adapter)

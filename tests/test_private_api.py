@@ -9,6 +9,8 @@ import ast
 import importlib
 import inspect
 import pkgutil
+import types
+import unittest.mock
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,7 @@ SYMBOLS = [
     "trl.trainer.utils:is_async_callable",
     "trl.trainer.utils:get_trackio_space_url",
     "trl.trainer.utils:get_comet_experiment_url",
+    "trl.scripts.utils:TrlParser.set_defaults_with_config",  # ConfigCheckingParser checks the config's values there
     # transformers: the Trainer methods NoisePPOTrainer overrides or calls, and internal modules
     "transformers.trainer:Trainer._save_checkpoint",
     "transformers.trainer:Trainer._get_output_dir",
@@ -47,14 +50,27 @@ SYMBOLS = [
     "transformers.trainer:Trainer._get_dataloader",
     "transformers.trainer:Trainer._get_train_sampler",
     "transformers.trainer:Trainer._set_signature_columns_if_needed",
+    "transformers.trainer:Trainer._push_from_checkpoint",
     "transformers.trainer:TRAINER_STATE_NAME",
+    "transformers.trainer:OPTIMIZER_NAME",
+    "transformers.trainer:SCHEDULER_NAME",
+    "transformers.trainer:TRAINING_ARGS_NAME",
+    "transformers.trainer:hf_api",  # the Hub client the Trainer's pushes (and NoisePPOTrainer's) go through
+    "transformers.trainer_pt_utils:safe_globals",
     "transformers.trainer_utils:PREFIX_CHECKPOINT_DIR",
+    "transformers.trainer_utils:HubStrategy",
     "transformers.trainer_utils:rotate_checkpoints",
     "transformers.trainer_utils:speed_metrics",
     "transformers.training_args:TrainingArguments._VALID_DICT_FIELDS",  # extended by NoisePPOConfig
     "transformers.modeling_utils:PreTrainedModel._init_weights",  # NoiseGenerator zero-initialises its head there
     "transformers.modeling_utils:PreTrainedModel._keep_in_fp32_modules_strict",  # the rewards' CLIP logit scale
     "transformers.utils:cached_file",
+    "transformers.utils:PushInProgress",
+    "transformers.utils:PushInProgress.is_done",
+    "transformers.utils:CONFIG_NAME",
+    "transformers.utils:SAFE_WEIGHTS_NAME",
+    "transformers.utils:ADAPTER_CONFIG_NAME",
+    "transformers.utils:ADAPTER_SAFE_WEIGHTS_NAME",
     "transformers.image_utils:OPENAI_CLIP_MEAN",
     "transformers.image_utils:OPENAI_CLIP_STD",
     # diffusers: the noise every pipeline draws, and the device its components run on
@@ -68,21 +84,34 @@ SYMBOLS = [
 ]
 
 
-def _trainer():
-    args = NoisePPOConfig(output_dir="unused", num_generations=2, per_device_train_batch_size=2, report_to="none")
+def _trainer(**config):
+    args = NoisePPOConfig(output_dir="unused", num_generations=2, per_device_train_batch_size=2, report_to="none", **config)
     return NoisePPOTrainer(build_pipeline("sd"), lambda images, **kwargs: [0.0] * len(images), args=args,
                            train_dataset=Dataset.from_dict({"prompt": ["a cat"]}))
+
+
+def _pushing_trainer():
+    """A trainer that pushes to a stand-in Hub: `Trainer.init_hf_repo` sets `push_in_progress`."""
+
+    class Hub:
+        def create_repo(self, repo_id, **kwargs):
+            return types.SimpleNamespace(repo_id=f"user/{repo_id}")
+
+    with unittest.mock.patch("transformers.trainer.hf_api", Hub):
+        return _trainer(push_to_hub=True)
 
 
 # private attributes of objects, rather than of classes: attribute -> how to get an object that has it
 INSTANCE_ATTRIBUTES = {
     "_signature_columns": _trainer,  # set by Trainer.__init__, filled by _set_signature_columns_if_needed
     "_train_batch_size": _trainer,
+    "push_in_progress": _pushing_trainer,  # read and replaced by NoisePPOTrainer._push_from_checkpoint
+    "jobs": lambda: importlib.import_module("transformers.utils").PushInProgress(),  # extended by it
     "_fingerprint": lambda: Dataset.from_dict({"prompt": ["a cat"]}),  # datasets: keys the evaluation's base scores
     "_actions": lambda: importlib.import_module("accelerate.commands.launch").launch_command_parser(),  # argparse's
 }
 # private-looking names the package uses that are documented public API
-PUBLIC = {"_exit", "_replace"}  # os._exit, a namedtuple's _replace
+PUBLIC = {"_exit", "_replace", "_asdict", "_fields"}  # os._exit, a namedtuple's public _replace, _asdict, _fields
 
 
 def _lookup(symbol: str):
@@ -114,8 +143,9 @@ def pipeline_classes():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_noise_discovery_seams_hold_for_every_family(family, pipeline_classes):
-    """noise_injection records the noise a pipeline draws by swapping the `randn_tensor` its `prepare_latents` reads
-    from its module's globals, and reads how `__call__` calls `encode_prompt` from its source."""
+    """noise_injection records the noise a pipeline draws with a copy of its `prepare_latents` (or of its undecorated
+    `__call__`) whose globals hold a recording `randn_tensor` in place of its module's, and reads how `__call__` calls
+    `encode_prompt` from its source."""
     pipeline_class = pipeline_classes[family]
     name = pipeline_class.__name__
     # a pipeline without prepare_latents (ERNIE-Image) draws its noise in __call__, through its module's randn_tensor

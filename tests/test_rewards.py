@@ -469,10 +469,23 @@ def test_hpsv2_cleans_prompts_as_open_clip(hps_folders):
     assert len(set(round(score, 4) for score in scores[1::2])) > 1  # the prompts do move the score
 
 
-def test_hpsv2_without_ftfy_says_how_to_install_it(monkeypatch):
+def test_hpsv2_without_ftfy_says_how_to_install_it(monkeypatch, hps_folders):
     monkeypatch.setitem(sys.modules, "ftfy", None)  # makes `import ftfy` fail
+    checkpoint_folder, config_folder, _ = hps_folders
+    reward = HPSv2Reward(model_id=str(checkpoint_folder), config_id=str(config_folder))
+    with pytest.raises(ImportError, match="Python packages are missing: ftfy \\(for hpsv2; pip install ftfy"):
+        check_reward_files([reward])
     with pytest.raises(ImportError, match="pip install ftfy"):
-        HPSv2Reward()
+        reward(images=torch.rand(1, 3, 32, 32), prompts=["a cat"])
+
+
+def test_check_reward_files_names_missing_packages_and_missing_weights_in_one_error(empty_offline_hub_cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    with pytest.raises(MissingWeightsError) as error:
+        check_reward_files(resolve_reward_funcs(["hpsv2", "aesthetic"]))
+    assert "Python packages are missing: ftfy (for hpsv2; pip install ftfy" in str(error.value)
+    assert "hf download xswu/HPSv2 HPS_v2_compressed.pt" in str(error.value)
+    assert "hf download trl-lib/ddpo-aesthetic-predictor aesthetic-model.pth" in str(error.value)
 
 
 def test_hpsv2_refuses_a_checkpoint_with_unknown_weights(hps_folders, tmp_path):
@@ -812,7 +825,11 @@ def test_http_reward_retries_an_answer_cut_short(loopback_without_proxy):
     assert len(server.requests) == 2 and len(rewards) == 1
 
 
-@pytest.mark.parametrize("kwargs", [dict(retries=-1), dict(batch_size=0), dict(timeout=0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(retries=-1), dict(batch_size=0), dict(timeout=0), dict(timeout=float("inf")), dict(timeout=float("nan")),
+     dict(timeout=1e300), dict(retries=1.5), dict(batch_size=2.5), dict(backoff=float("inf")), dict(retries=True)],
+)
 def test_http_reward_refuses_impossible_settings(kwargs):
     with pytest.raises(ValueError, match="HTTPReward needs batch_size >= 1, retries >= 0, timeout > 0"):
         HTTPReward("http://127.0.0.1:1/score", **kwargs)

@@ -1779,7 +1779,7 @@ def build_kolors() -> DiffusionPipeline:
 
 
 # --------------------------------------------------------------------------------------------
-# Families added for issue 24: pipelines that pass variables to encode_prompt, encode negative
+# Pipelines that pass variables to encode_prompt, encode negative
 # prompts in a call of their own, or take noise with a frame axis
 # --------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
             parameter count depends on it, not on the noise resolution.
         grid_channels (`int`, *optional*, defaults to `64`):
             Channels of the coarse grid and of the upsampling convolutions.
-        learn_sigma (`bool`, *optional*, defaults to `True`):
+        learn_sigma (`bool`, *optional*, defaults to `False`):
             Whether the policy also learns a per-element standard deviation (it starts at 1). When `False` it is fixed
             at 1 and only the mean moves. The default is [`NoisePPOConfig`]'s `learn_sigma`.
         project_to_shell (`bool`, *optional*, defaults to `False`):
@@ -69,7 +70,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         hidden_dim: int = 256,
         grid_size: int = 8,
         grid_channels: int = 64,
-        learn_sigma: bool = True,
+        learn_sigma: bool = False,
         project_to_shell: bool = False,
         **kwargs,
     ):
@@ -87,6 +88,74 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self.learn_sigma = learn_sigma
         self.project_to_shell = project_to_shell
         super().__init__(**kwargs)
+
+
+
+class NoiseDistribution(NamedTuple):
+    r"""
+    The policy over a pipeline's initial noise for a batch of prompts: independent Gaussians, one per noise element,
+
+        x = mean + exp(log_std) * eps,    eps ~ N(0, I).
+
+    This is the interface the trainer and [`NoisePPOPipeline`] use: they draw noise with `sample`, and the trainer
+    scores and improves the policy with `log_prob`, `kl_to_prior` and `natural_step`, never with the Gaussian's
+    formulas. `N(0, I)`, the base pipeline's own prior, is `mean = log_std = 0`. A new kind of policy is a generator
+    whose `forward` returns another class with these methods. Per-sample quantities are averaged over the noise's
+    elements, so that their scale does not depend on the resolution.
+    """
+
+    mean: torch.Tensor
+    log_std: torch.Tensor
+
+    def sample(self, eps: torch.Tensor) -> torch.Tensor:
+        """The noise for unit Gaussian noise `eps` of the same shape: `mean + exp(log_std) * eps`."""
+        return self.mean + torch.exp(self.log_std) * eps
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """`log pi(x)` per sample, averaged over the noise's elements."""
+        z = (x - self.mean) * torch.exp(-self.log_std)
+        return (-0.5 * z**2 - self.log_std - 0.5 * math.log(2 * math.pi)).flatten(1).mean(dim=1)
+
+    def kl_to_prior(self) -> torch.Tensor:
+        """`KL(pi || N(0, I))` per sample, in closed form, averaged over the noise's elements."""
+        return (0.5 * (torch.exp(2 * self.log_std) + self.mean**2 - 1) - self.log_std).flatten(1).mean(dim=1)
+
+    def natural_step(
+        self, x: torch.Tensor, advantages: torch.Tensor, group_size: int, step_size: float, std_step_size: float,
+        beta: float,
+    ) -> "NoiseDistribution":
+        r"""
+        The distribution one natural-gradient step up `E[A] - beta KL(pi || N(0, I))` away, per prompt: each group of
+        `group_size` consecutive samples `x` of one prompt, with advantages `A`, estimates the gradient from its own
+        samples. With `z = (x - mean) / std`, the Fisher metric of the Gaussian turns the gradients into
+
+            mean*    = mean    + step_size     * (std * mean_group(A z)           - beta * std^2 * mean)
+            log_std* = log_std + std_step_size * (mean_group(A (z^2 - 1)) / 2      - beta * (std^2 - 1) / 2)
+
+        (the updates of natural evolution strategies). `step_size` is in units of the noise's own scale, whatever the
+        network that produces it; `std_step_size = 0` keeps the standard deviation. Returned per sample, like `x`.
+        """
+        std = torch.exp(self.log_std)
+        z = (x - self.mean) / std
+        weights = advantages.view(-1, *[1] * (x.ndim - 1))
+
+        def group_mean(values: torch.Tensor) -> torch.Tensor:
+            means = values.view(-1, group_size, *values.shape[1:]).mean(dim=1)
+            return means.repeat_interleave(group_size, dim=0)
+
+        mean_step = std * group_mean(weights * z) - beta * std**2 * self.mean
+        log_std_step = group_mean(weights * (z**2 - 1)) / 2 - beta * (std**2 - 1) / 2
+        return NoiseDistribution(self.mean + step_size * mean_step, self.log_std + std_step_size * log_std_step)
+
+    def squared_distance(self, target: "NoiseDistribution") -> torch.Tensor:
+        """`|mean - mean*|^2 + |log_std - log_std*|^2` per sample, averaged over the noise's elements: the loss that
+        moves a generator's output onto `target`."""
+        distance = (self.mean - target.mean) ** 2 + (self.log_std - target.log_std) ** 2
+        return distance.flatten(1).mean(dim=1)
+
+    def repeat_interleave(self, repeats: int) -> "NoiseDistribution":
+        """Each prompt's distribution `repeats` times in a row, one per sample."""
+        return NoiseDistribution(*(value.repeat_interleave(repeats, dim=0) for value in self))
 
 
 class PooledMLPGridEncoder(nn.Module):
@@ -180,9 +249,10 @@ class NoiseGenerator(PreTrainedModel):
     >>> from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig
     >>> config = NoiseGeneratorConfig(noise_shape=[4, 16, 16], prompt_embeds_dim=32)
     >>> generator = NoiseGenerator(config)
-    >>> mu, log_sigma = generator(prompt_embeds=torch.randn(2, 77, 32))
-    >>> mu.shape, float(mu.abs().max()), float(log_sigma.abs().max())
+    >>> policy = generator(prompt_embeds=torch.randn(2, 77, 32))  # a NoiseDistribution: N(0, I) until trained
+    >>> policy.mean.shape, float(policy.mean.abs().max()), float(policy.log_std.abs().max())
     (torch.Size([2, 4, 16, 16]), 0.0, 0.0)
+    >>> noise = policy.sample(torch.randn(2, 4, 16, 16))
     ```
     """
 
@@ -227,6 +297,33 @@ class NoiseGenerator(PreTrainedModel):
         self.head = nn.Conv2d(config.grid_channels, out_channels, 3, padding=1)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing weights that do not fit the config (an edited config.json would
+        otherwise load with modules left randomly initialised) or are not finite, and naming the folder whose weight
+        file is damaged."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        path = str(pretrained_model_name_or_path)
+        try:
+            generator, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            if not _is_safetensors_error(error):
+                raise
+            raise _read_error(path, error) from error
+        if info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys"):
+            raise ValueError(
+                f"The weights in {path} do not fit its config.json (architecture {generator.config.architecture!r}): missing "
+                f"{sorted(info['missing_keys'])[:3]}, unexpected {sorted(info['unexpected_keys'])[:3]}, mismatched "
+                f"{list(info.get('mismatched_keys') or [])[:3]}. Was config.json edited? Restore the one saved with the weights."
+            )
+        not_finite = [name for name, value in generator.state_dict().items() if not value.isfinite().all()]
+        if not_finite:
+            raise ValueError(
+                f"The weights in {path} are not finite (NaN or inf in {not_finite[:3]}): they were saved from a diverged "
+                "run. Load an earlier checkpoint."
+            )
+        return (generator, info) if output_loading_info else generator
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -247,7 +344,7 @@ class NoiseGenerator(PreTrainedModel):
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> NoiseDistribution:
         """
         Args:
             prompt_embeds (`torch.Tensor` of shape `(batch, tokens, prompt_embeds_dim)`, *optional*):
@@ -259,8 +356,8 @@ class NoiseGenerator(PreTrainedModel):
                 of the mean over tokens.
 
         Returns:
-            `tuple[torch.Tensor, torch.Tensor]`: the mean `mu` and the log standard deviation `log_sigma` of the noise,
-            each of shape `(batch, *noise_shape)`.
+            [`NoiseDistribution`]: the policy for each prompt, a `(mean, log_std)` pair of tensors of shape
+            `(batch, *noise_shape)` (it unpacks as one).
         """
         channels, height, width = self._image_shape()
         grid = self.grid_encoder(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
@@ -281,7 +378,7 @@ class NoiseGenerator(PreTrainedModel):
         elif len(self.config.noise_shape) == 2:
             # patches in row-major order, as the pipelines pack them
             mu, log_sigma = (x.flatten(2).transpose(1, 2) for x in (mu, log_sigma))
-        return mu, log_sigma
+        return NoiseDistribution(mu, log_sigma)
 
 
 def pipeline_noise(noise: torch.Tensor, config: NoiseGeneratorConfig) -> torch.Tensor:
@@ -294,12 +391,27 @@ def pipeline_noise(noise: torch.Tensor, config: NoiseGeneratorConfig) -> torch.T
     return noise * (math.sqrt(noise[0].numel()) / norms).view(-1, *[1] * (noise.ndim - 1))
 
 
+def _read_error(path: str, error: Exception) -> OSError:
+    return OSError(f"Could not read the weights in {path} ({error}): the file is damaged or incomplete; save it again.")
+
+
+def _is_safetensors_error(error: Exception) -> bool:
+    return type(error).__module__.startswith("safetensors")  # its error types are not importable
+
+
 def load_noise_generator(pretrained_model_name_or_path: str, **kwargs) -> nn.Module:
     """
     Loads a noise generator from the Hub or a folder: a [`NoiseGenerator`], or a LoRA adapter trained on one (saved by
     `NoisePPOTrainer(peft_config=...)`), which is then composed with the base generator its config names.
     """
-    path = str(pretrained_model_name_or_path)
+    given = str(pretrained_model_name_or_path)
+    path = os.path.expanduser(given)
+    # a Hub id is `name` or `owner/name`; anything else is meant as a folder
+    if not os.path.exists(path) and (os.path.isabs(path) or given.startswith((".", "~")) or given.count("/") > 1):
+        raise FileNotFoundError(
+            f"The noise generator {given} does not exist (looked for it relative to {os.getcwd()}). Pass the folder "
+            "that `save_model` wrote, or a Hub id."
+        )
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "adapter_config.json")):
         raise FileNotFoundError(
             f"{path} holds no config.json (nor a LoRA adapter_config.json): it is no noise generator folder. Pass the "
@@ -310,30 +422,24 @@ def load_noise_generator(pretrained_model_name_or_path: str, **kwargs) -> nn.Mod
 
         adapter_config = PeftConfig.from_pretrained(path, **kwargs)
     except (ImportError, ValueError, OSError):
-        return _generator_matching_its_config(path, **kwargs)
+        return NoiseGenerator.from_pretrained(path, **kwargs)
     base_path = adapter_config.base_model_name_or_path
+    if not base_path:
+        raise ValueError(
+            f"The LoRA adapter {path} does not record the generator it was trained on (base_model_name_or_path is "
+            f"{base_path!r} in its adapter_config.json): set it to that generator's folder or Hub id."
+        )
     if os.path.isabs(base_path) and not os.path.isdir(base_path):
         raise FileNotFoundError(
             f"The LoRA adapter {path} was trained on the generator {base_path}, which does not exist any more. Restore "
             "that folder, or set base_model_name_or_path in its adapter_config.json to where the generator is now."
         )
-    return PeftModel.from_pretrained(_generator_matching_its_config(base_path, **kwargs), path, **kwargs)
-
-
-def _generator_matching_its_config(path: str, **kwargs) -> NoiseGenerator:
-    """`NoiseGenerator.from_pretrained`, refusing weights that do not fit the config (an edited config.json would
-    otherwise load with modules left randomly initialised) and naming the file a damaged weight file is."""
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(f"The LoRA adapter {path} has no weights (adapter_model.safetensors): save it again.")
+    base = NoiseGenerator.from_pretrained(base_path, **kwargs)
     try:
-        generator, info = NoiseGenerator.from_pretrained(path, output_loading_info=True, **kwargs)
+        return PeftModel.from_pretrained(base, path, **kwargs)
     except Exception as error:
-        if not type(error).__module__.startswith("safetensors"):
+        if not _is_safetensors_error(error):
             raise
-        raise OSError(f"Could not read the weights in {path} ({error}): the file is damaged or incomplete; save it again.") from error
-    mismatched = info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys")
-    if mismatched:
-        raise ValueError(
-            f"The weights in {path} do not fit its config.json (architecture {generator.config.architecture!r}): missing "
-            f"{sorted(info['missing_keys'])[:3]}, unexpected {sorted(info['unexpected_keys'])[:3]}, mismatched "
-            f"{list(info.get('mismatched_keys') or [])[:3]}. Was config.json edited? Restore the one saved with the weights."
-        )
-    return generator
+        raise _read_error(path, error) from error

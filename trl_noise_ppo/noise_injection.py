@@ -13,17 +13,19 @@ Pipelines that cannot start from a given noise are refused up front, with the re
 """
 
 import ast
+import copy
 import functools
 import inspect
 import math
 import re
 import textwrap
+import types
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .noise_generator import NoiseGeneratorConfig
@@ -177,39 +179,56 @@ def _first(prepared):
     return prepared[0] if isinstance(prepared, tuple) else prepared
 
 
+def _with_globals(function: types.FunctionType, **replacements) -> types.FunctionType:
+    """A copy of `function` that sees `replacements` among its globals; the function and its module, which other
+    threads may be running, are left as they are."""
+    copied = types.FunctionType(
+        function.__code__, {**function.__globals__, **replacements}, function.__name__, function.__defaults__,
+        function.__closure__,
+    )
+    copied.__kwdefaults__ = function.__kwdefaults__
+    return copied
+
+
+def copy_for_one_call(pipeline: DiffusionPipeline) -> DiffusionPipeline:
+    """A shallow copy of `pipeline` for one call: it shares the components, but has schedulers of its own, and its own
+    attributes, which `__call__` sets (`set_timesteps`, `_guidance_scale`, ...), so that calls from several threads do
+    not disturb each other."""
+    copied = copy.copy(pipeline)
+    for name, component in pipeline.components.items():
+        if isinstance(component, SchedulerMixin):
+            vars(copied)[name] = copy.deepcopy(component)  # not setattr, which would also rewrite the copy's config
+    return copied
+
+
 def _run_to_prepare_latents(pipeline: DiffusionPipeline, call_kwargs: dict) -> _LatentsPrepared:
     """Calls `pipeline(**call_kwargs)` until `prepare_latents` has run, and returns what it returned, the arguments it
     was given and the noise it drew through its module's `randn_tensor` (the function every diffusers pipeline draws its
-    initial noise with)."""
+    initial noise with). Neither the pipeline nor that module is changed: the dry run calls a copy of the pipeline (see
+    `copy_for_one_call`), and a copy of `prepare_latents` that sees a recording `randn_tensor` in its globals."""
     if not hasattr(type(pipeline), "prepare_latents"):
         return _run_to_inline_draw(pipeline, call_kwargs)
     prepare_latents = type(pipeline).prepare_latents
-    module_namespace = prepare_latents.__globals__
     draws = []
 
     def recorded_randn_tensor(*args, **kwargs):
         draws.append(randn_tensor(*args, **kwargs))
         return draws[-1]
 
-    def prepare_latents_and_stop(*args, **kwargs):
-        arguments = inspect.signature(prepare_latents).bind(pipeline, *args, **kwargs).arguments
-        drawing = module_namespace.get("randn_tensor")
-        if drawing is randn_tensor:
-            module_namespace["randn_tensor"] = recorded_randn_tensor
-        try:
-            prepared = prepare_latents(**arguments)
-        finally:
-            if drawing is randn_tensor:
-                module_namespace["randn_tensor"] = drawing
-        raise _LatentsPrepared(_first(prepared), arguments, draws)
+    recording = prepare_latents
+    if prepare_latents.__globals__.get("randn_tensor") is randn_tensor:
+        recording = _with_globals(prepare_latents, randn_tensor=recorded_randn_tensor)
+    stopping = copy_for_one_call(pipeline)
 
-    pipeline.prepare_latents = prepare_latents_and_stop
+    def prepare_latents_and_stop(*args, **kwargs):
+        arguments = inspect.signature(prepare_latents).bind(stopping, *args, **kwargs).arguments
+        raise _LatentsPrepared(_first(recording(**arguments)), arguments, draws)
+
+    stopping.prepare_latents = prepare_latents_and_stop
     try:
-        pipeline(**call_kwargs)
+        stopping(**call_kwargs)
     except _LatentsPrepared as stop:
         return stop
-    finally:
-        del pipeline.prepare_latents
     raise RuntimeError(
         f"{type(pipeline).__name__} finished without calling `prepare_latents`, so its noise shape cannot be "
         "discovered. Please open an issue with the pipeline class."
@@ -218,26 +237,26 @@ def _run_to_prepare_latents(pipeline: DiffusionPipeline, call_kwargs: dict) -> _
 
 def _run_to_inline_draw(pipeline: DiffusionPipeline, call_kwargs: dict) -> _LatentsPrepared:
     """For a pipeline without `prepare_latents` (ERNIE-Image), which draws its noise in `__call__` itself through its
-    module's `randn_tensor`: calls `pipeline(**call_kwargs)` until that draw and returns it, with no arguments."""
-    module_namespace = inspect.unwrap(type(pipeline).__call__).__globals__
-    drawing = module_namespace.get("randn_tensor")
-    if drawing is not randn_tensor:
+    module's `randn_tensor`: calls `pipeline(**call_kwargs)` until that draw and returns it, with no arguments. As in
+    `_run_to_prepare_latents`, neither the pipeline nor its module is changed: a copy of the undecorated `__call__`
+    that sees a stopping `randn_tensor` in its globals runs on a copy of the pipeline (under `no_grad`, as `__call__`'s
+    own decorator would run it)."""
+    call = inspect.unwrap(type(pipeline).__call__)
+    if call.__globals__.get("randn_tensor") is not randn_tensor:
         raise RuntimeError(
             f"{type(pipeline).__name__} has no `prepare_latents` and does not draw its noise with diffusers' "
             "`randn_tensor`, so its noise shape cannot be discovered. Please open an issue with the pipeline class."
         )
 
     def draw_and_stop(*args, **kwargs):
-        noise = drawing(*args, **kwargs)
+        noise = randn_tensor(*args, **kwargs)
         raise _LatentsPrepared(noise, {}, [noise])
 
-    module_namespace["randn_tensor"] = draw_and_stop
     try:
-        pipeline(**call_kwargs)
+        with torch.no_grad():
+            _with_globals(call, randn_tensor=draw_and_stop)(copy_for_one_call(pipeline), **call_kwargs)
     except _LatentsPrepared as stop:
         return stop
-    finally:
-        module_namespace["randn_tensor"] = drawing
     raise RuntimeError(
         f"{type(pipeline).__name__} finished without drawing its noise, so its noise shape cannot be discovered. "
         "Please open an issue with the pipeline class."

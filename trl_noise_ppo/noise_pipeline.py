@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+import threading
 
 import diffusers
 import torch
@@ -10,6 +12,7 @@ from .noise_generator import NoiseGenerator, load_noise_generator, pipeline_nois
 from .noise_injection import (
     check_generator_fits,
     check_pipeline_takes_noise,
+    copy_for_one_call,
     discover_noise_spec,
     draw_noise,
     encode_prompts,
@@ -18,6 +21,7 @@ from .noise_injection import (
     repeat_rows,
     without_encoded_prompts,
 )
+from .noise_ppo_trainer import STAGING_DIR
 
 
 NOISE_GENERATOR_FOLDER = "noise_generator"
@@ -31,6 +35,11 @@ DIFFUSERS_LOADER_CODE = f"""\
 #     trl_noise_ppo.NoisePPOPipeline.from_pretrained(<this folder>)              # runs no code from the folder
 from trl_noise_ppo.noise_pipeline import NoisePPODiffusionPipeline  # noqa: F401
 """
+PIPELINE_INDEX = DiffusionPipeline.config_name  # model_index.json
+# A fast tokenizer sets its padding and truncation on the tokenizer it shares with every caller before it encodes, so
+# that two threads encoding at once can get each other's (a T5 prompt padded to the longest instead of to 512 tokens):
+# prompts are encoded one call at a time.
+_PROMPT_ENCODING = threading.Lock()
 
 
 class NoisePPOPipeline:
@@ -45,6 +54,9 @@ class NoisePPOPipeline:
     `latents` (unless its config has `project_to_shell`). Pass `noise="mean"` to use `x_T = mu(c)`; note that this noise
     is far smoother than what the frozen model was trained on, so sampling (the default) is usually better, and a
     seeded `generator` already makes it deterministic.
+
+    Calls from several threads (a server) give each the images it would give alone: each runs on a copy of the wrapped
+    pipeline with schedulers of its own, and prompts are encoded one call at a time.
 
     Args:
         pipeline (`DiffusionPipeline`): the frozen text-to-image pipeline; it must accept `latents=`.
@@ -82,6 +94,8 @@ class NoisePPOPipeline:
         Other keyword arguments (`torch_dtype`, `revision`, `variant`, ...) go to `DiffusionPipeline.from_pretrained`.
         """
         path = str(pretrained_model_name_or_path)
+        if os.path.isdir(os.path.join(path, STAGING_DIR)) and not os.path.isfile(os.path.join(path, PIPELINE_INDEX)):
+            raise OSError(f"A save into {path} was interrupted before it was complete: save the pipeline there again.")
         if noise_generator is None and os.path.isdir(os.path.join(path, NOISE_GENERATOR_FOLDER)):
             noise_generator = load_noise_generator(os.path.join(path, NOISE_GENERATOR_FOLDER))
             # folders saved by earlier versions of trl-noise-ppo hold the pipeline at their root
@@ -108,6 +122,10 @@ class NoisePPOPipeline:
         trust_remote_code=True)` (see [`NoisePPODiffusionPipeline`]); without `trust_remote_code` diffusers refuses it
         rather than load the pipeline without its generator. With `push_to_hub=True` the folder is uploaded to
         `repo_id` (keyword).
+
+        The save is written into `tmp-save/` and then moved into place, `model_index.json` last, so that one killed
+        midway leaves an earlier save in the folder whole, or a folder that refuses to load (the next save removes
+        `tmp-save/`).
         """
         if os.path.isfile(os.path.join(save_directory, "config.json")):
             raise ValueError(
@@ -115,8 +133,12 @@ class NoisePPOPipeline:
                 "empty folder."
             )
         repo_id = kwargs.pop("repo_id", None)
-        self.pipeline.save_pretrained(os.path.join(save_directory, PIPELINE_FOLDER), **kwargs)
-        self.noise_generator.save_pretrained(os.path.join(save_directory, NOISE_GENERATOR_FOLDER))
+        # Written into a staging folder, then moved into place with model_index.json last, which an earlier save's loses
+        # first: a save killed midway leaves the earlier save whole, or a folder that loads as no pipeline
+        staging_dir = os.path.join(save_directory, STAGING_DIR)
+        shutil.rmtree(staging_dir, ignore_errors=True)  # what a killed save left
+        self.pipeline.save_pretrained(os.path.join(staging_dir, PIPELINE_FOLDER), **kwargs)
+        self.noise_generator.save_pretrained(os.path.join(staging_dir, NOISE_GENERATOR_FOLDER))
         pipeline_class = type(self.pipeline)
         model_index = {
             "_class_name": [DIFFUSERS_LOADER, NoisePPODiffusionPipeline.__name__],
@@ -125,14 +147,22 @@ class NoisePPOPipeline:
             # the module, as diffusers records components of other libraries; the loader module imports it
             NOISE_GENERATOR_FOLDER: [NoiseGenerator.__module__, NoiseGenerator.__name__],
         }
-        with open(os.path.join(save_directory, DiffusionPipeline.config_name), "w") as file:
+        with open(os.path.join(staging_dir, PIPELINE_INDEX), "w") as file:
             json.dump(model_index, file, indent=2)
-        with open(os.path.join(save_directory, f"{DIFFUSERS_LOADER}.py"), "w") as file:
+        with open(os.path.join(staging_dir, f"{DIFFUSERS_LOADER}.py"), "w") as file:
             file.write(DIFFUSERS_LOADER_CODE)
+        if os.path.isfile(os.path.join(save_directory, PIPELINE_INDEX)):
+            os.remove(os.path.join(save_directory, PIPELINE_INDEX))
+        for name in sorted(os.listdir(staging_dir), key=lambda name: name == PIPELINE_INDEX):
+            target = os.path.join(save_directory, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging_dir, name), target)
+        os.rmdir(staging_dir)
         if push_to_hub:
             api = HfApi(token=kwargs.get("token"))
             repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(save_directory)), exist_ok=True).repo_id
-            api.upload_folder(repo_id=repo_id, folder_path=save_directory)
+            api.upload_folder(repo_id=repo_id, folder_path=save_directory, ignore_patterns=[f"{STAGING_DIR}/*"])
 
     def to(self, *args, **kwargs) -> "NoisePPOPipeline":
         self.pipeline.to(*args, **kwargs)
@@ -171,8 +201,12 @@ class NoisePPOPipeline:
         """
         if noise not in ("sample", "mean"):
             raise ValueError(f"noise must be 'sample' or 'mean', got {noise!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive whole number, got {num_images_per_prompt!r}.")
         given = [name for name in kwargs if "_embeds" in name or "_mask" in name]
         if any(name.startswith(("prompt_embeds", "image_embeds")) for name in given):
+            if prompt is not None:
+                raise ValueError("Give either `prompt` or `prompt_embeds`, not both: the noise generator reads one of them.")
             conditioning = {name: kwargs.pop(name) for name in given}
         elif prompt is None:
             raise ValueError(
@@ -180,7 +214,8 @@ class NoisePPOPipeline:
                 "the noise generator reads it."
             )
         else:
-            conditioning = encode_prompts(self.pipeline, [prompt] if isinstance(prompt, str) else list(prompt), **kwargs)
+            with _PROMPT_ENCODING:
+                conditioning = encode_prompts(self.pipeline, [prompt] if isinstance(prompt, str) else list(prompt), **kwargs)
             kwargs = without_encoded_prompts(kwargs)
         # one row of embeddings per image: families disagree on whether they repeat given embeddings themselves
         image_conditioning = pipeline_arguments(self.pipeline, repeat_rows(conditioning, num_images_per_prompt))
@@ -206,12 +241,12 @@ class NoisePPOPipeline:
             name: None if value is None else value.to(generator_device)
             for name, value in generator_inputs(conditioning).items()
         }
-        mu, log_sigma = self.noise_generator(**conditioning)
-        mu = mu.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
-        log_sigma = log_sigma.repeat_interleave(num_images_per_prompt, dim=0).to(spec.device)
-        noise_tensor = mu if noise == "mean" else mu + torch.exp(log_sigma) * latents.to(spec.device, torch.float32)
+        policy = self.noise_generator(**conditioning).repeat_interleave(num_images_per_prompt)
+        policy = type(policy)(*(value.to(spec.device) for value in policy))
+        noise_tensor = policy.mean if noise == "mean" else policy.sample(latents.to(spec.device, torch.float32))
         noise_tensor = pipeline_noise(noise_tensor, self.noise_generator.config)
-        return self.pipeline(**call_kwargs, latents=noise_tensor.to(spec.dtype))
+        # a copy with schedulers of its own, as this call's denoising sets their timesteps and steps through them
+        return copy_for_one_call(self.pipeline)(**call_kwargs, latents=noise_tensor.to(spec.dtype))
 
 
 class NoisePPODiffusionPipeline(DiffusionPipeline):

@@ -1,3 +1,4 @@
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,20 +59,42 @@ class NoisePPOConfig(_BaseConfig):
             scores the chunks after the whole batch is sampled, in the training thread. Other rewards always score the
             whole batch after sampling.
 
-        > Parameters that control the PPO update
+        > Parameters that control the policy update
 
-        num_iterations (`int`, *optional*, defaults to `4`):
-            PPO epochs over each generation batch. Images are sampled once; only the cheap generator is re-evaluated.
+        loss_type (`str`, *optional*, defaults to `"natural_step"`):
+            How each generation batch updates the generator (docs/method.md):
+
+            - `"natural_step"`: each prompt's noise distribution takes one natural-gradient step up its advantages
+              (the step of natural evolution strategies, of size `step_size` in units of the noise's own scale, with
+              `beta` pulling it to `N(0, I)`), and the generator is regressed onto the stepped distributions for
+              `num_iterations` epochs: a trust region in the space of noise distributions, whatever the network.
+            - `"ppo_clip"`: the paper's PPO clipped surrogate on the ratio `pi_theta / pi_old` (geometric mean over the
+              noise's dimensions, clip range `epsilon`) plus `beta` times the KL to `N(0, I)`; the step is set by the
+              learning rate.
+        num_iterations (`int`, *optional*, defaults to `8`):
+            Epochs over each generation batch. Images are sampled once; only the cheap generator is re-evaluated.
         steps_per_generation (`int` or `None`, *optional*, defaults to `None`):
             Number of optimisation micro-steps each generation batch is split into. `None` uses
             `gradient_accumulation_steps`. The generation batch holds `per_device_train_batch_size *
             steps_per_generation` images per process.
+        step_size (`float`, *optional*, defaults to `0.5`):
+            With `loss_type="natural_step"`: the size of each generation batch's natural-gradient step on the mean of
+            the noise, in units of its standard deviation per unit of advantage.
+        std_step_size (`float`, *optional*, defaults to `0.1`):
+            With `loss_type="natural_step"` and `learn_sigma`: the step size of the log standard deviation.
         epsilon (`float`, *optional*, defaults to `0.2`):
-            Clip range of the PPO ratio. The ratio is the geometric mean over the noise's dimensions of the
-            per-dimension density ratio, so the usual PPO range applies whatever the noise size.
-        beta (`float`, *optional*, defaults to `0.01`):
-            Weight of the closed-form KL(N(mu, sigma^2) || N(0, I)) per noise dimension, which keeps the noise close
-            to the prior the frozen model was trained on. `0.0` disables it.
+            With `loss_type="ppo_clip"`: clip range of the PPO ratio. The ratio is the geometric mean over the noise's
+            dimensions of the per-dimension density ratio, so the usual PPO range applies whatever the noise size.
+        beta (`float`, *optional*, defaults to `0.02`):
+            Weight of the closed-form KL(N(mu, sigma^2) || N(0, I)) per noise dimension against the advantages, which
+            keeps the noise close to the prior the frozen model was trained on. `0.0` disables it.
+        base_comparison_every (`int`, *optional*, defaults to `4`):
+            Every this many generation batches, the base pipeline also makes one image per prompt, from the noise eps
+            of the prompt's first image, and the paired reward difference `gain_over_base` (the generator's image minus
+            the base pipeline's, weighted reward) is logged: the learning-signal diagnostic, positive and rising while
+            the generator learns, level with zero while it drifts (docs/method.md). Costs `1 / (num_generations *
+            base_comparison_every)` more images and reward calls (3% at the defaults); the base images are not
+            trained on. `0` never compares.
         advantage_clip (`float`, *optional*, defaults to `5.0`):
             Group-normalised advantages are clipped to `[-advantage_clip, advantage_clip]`.
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
@@ -82,11 +105,10 @@ class NoisePPOConfig(_BaseConfig):
 
         > Parameters that control the noise generator
 
-        learn_sigma (`bool`, *optional*, defaults to `True`):
+        learn_sigma (`bool`, *optional*, defaults to `False`):
             Whether a new generator also learns the noise's standard deviation (it starts at 1). With `False` it is
-            fixed at 1 and only the mean moves. Ignored when a trained generator is given. Chosen on the shapes-world
-            benchmark's distilled model, where its judged gain was ahead of a fixed sigma's in 9 of 12 comparisons
-            (docs/benchmarks.md), each within the run-to-run spread.
+            fixed at 1 and only the mean moves. Ignored when a trained generator is given (docs/benchmarks.md has the
+            measurements behind the default).
         project_to_shell (`bool`, *optional*, defaults to `False`):
             Whether a new generator rescales each noise sample to the norm of `N(0, I)` noise (`sqrt(D)` for `D`
             elements) before the pipeline gets it, so that the frozen model sees noise of the norm it was trained on.
@@ -114,17 +136,20 @@ class NoisePPOConfig(_BaseConfig):
         > Parameters that differ from those of [`~transformers.TrainingArguments`]
 
         learning_rate (`float`, *optional*, defaults to `1e-3`):
-            Initial learning rate for the [`~torch.optim.AdamW`] optimiser (chosen on the shapes-world benchmark: 3e-4
-            learned half as much in 50 generation batches, 3e-3 no more than 1e-3).
-        per_device_train_batch_size (`int`, *optional*, defaults to `8`):
-            Images per process per micro-step.
+            Learning rate of the [`~torch.optim.AdamW`] optimiser. With `loss_type="natural_step"` it only sets how
+            closely the generator reaches each step's target; `step_size` sets the step.
+        lr_scheduler_type (`str`, *optional*, defaults to `"constant"`):
+            A decaying learning rate would shrink the natural steps late in training without saying so.
+        per_device_train_batch_size (`int`, *optional*, defaults to `64`):
+            Images per process per micro-step: with `num_generations=8`, eight prompts' groups.
         logging_steps (`float`, *optional*, defaults to `1`):
             Log every this many optimiser steps.
         activation_checkpointing (`bool`, *optional*, defaults to `False`):
             The generator is small; checkpointing it would only cost time. (Also the value of the deprecated
             `gradient_checkpointing`.)
         bf16 (`bool`, *optional*, defaults to `False`):
-            The generator trains in float32; the frozen pipeline keeps the dtype it was loaded in.
+            The generator trains in float32, so `True` (and `fp16=True`) is refused; the frozen pipeline keeps the
+            dtype it was loaded in.
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
             Every dataset column is passed to the reward functions.
         eval_steps (`float` or `None`, *optional*, defaults to `None`):
@@ -161,14 +186,27 @@ class NoisePPOConfig(_BaseConfig):
         },
     )
 
-    # Parameters that control the PPO update
-    num_iterations: int = field(default=4, metadata={"help": "PPO epochs over each generation batch."})
+    # Parameters that control the policy update
+    loss_type: str = field(
+        default="natural_step",
+        metadata={"help": "How a generation batch updates the generator.", "choices": ["natural_step", "ppo_clip"]},
+    )
+    num_iterations: int = field(default=8, metadata={"help": "Epochs over each generation batch."})
     steps_per_generation: int | None = field(
         default=None,
         metadata={"help": "Micro-steps each generation batch is split into; None uses gradient_accumulation_steps."},
     )
-    epsilon: float = field(default=0.2, metadata={"help": "Clip range of the (dimension-averaged) PPO ratio."})
-    beta: float = field(default=0.01, metadata={"help": "Weight of KL(N(mu, sigma^2) || N(0, I)) per dimension."})
+    step_size: float = field(
+        default=0.5, metadata={"help": "natural_step: step of the noise's mean per generation batch, in units of its std."}
+    )
+    std_step_size: float = field(default=0.1, metadata={"help": "natural_step with learn_sigma: step of the log std."})
+    epsilon: float = field(default=0.2, metadata={"help": "ppo_clip: clip range of the (dimension-averaged) PPO ratio."})
+    beta: float = field(default=0.02, metadata={"help": "Weight of KL(N(mu, sigma^2) || N(0, I)) per dimension."})
+    base_comparison_every: int = field(
+        default=4,
+        metadata={"help": "Every this many generation batches, log gain_over_base against the base pipeline on the "
+                  "same noise (one image per prompt); 0 never."},
+    )
     advantage_clip: float = field(default=5.0, metadata={"help": "Clip group-normalised advantages to +/- this."})
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward functions; None weights each 1.0."}
@@ -180,7 +218,7 @@ class NoisePPOConfig(_BaseConfig):
 
     # Parameters that control the noise generator
     learn_sigma: bool = field(
-        default=True, metadata={"help": "Whether a new generator learns the noise's standard deviation too."}
+        default=False, metadata={"help": "Whether a new generator learns the noise's standard deviation too."}
     )
     project_to_shell: bool = field(
         default=False, metadata={"help": "Whether a new generator rescales its noise to the norm of N(0, I) noise."}
@@ -203,8 +241,9 @@ class NoisePPOConfig(_BaseConfig):
     )
 
     # Parameters that differ from those of TrainingArguments
-    learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate for AdamW."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Images per process per micro-step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate for AdamW."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "The learning rate schedule."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per process per micro-step."})
     logging_steps: float = field(default=1, metadata={"help": "Log every X optimiser steps."})
     activation_checkpointing: bool | None = field(
         default=False, metadata={"help": "The generator is small; checkpointing it would only cost time."}
@@ -220,14 +259,30 @@ class NoisePPOConfig(_BaseConfig):
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["pipeline_kwargs"]
 
     def __post_init__(self):
-        if self.eval_steps is None:
-            self.eval_steps = self.save_steps
-        super().__post_init__()
+        # before TrainingArguments' own checks, which would fail on these without naming them
+        for name in ("bf16", "fp16"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name}=True would run the generator in mixed precision, but the generator trains in float32 (its "
+                    "log-densities sum over the whole noise). Remove it; the frozen pipeline's dtype is the one it is "
+                    "loaded in (torch_dtype=, or --dtype on the command line)."
+                )
         if isinstance(self.pipeline_kwargs, str):
+            try:
+                self.pipeline_kwargs = json.loads(self.pipeline_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"pipeline_kwargs must be a JSON object such as '{{\"negative_prompt\": \"blurry\"}}', got "
+                    f"{self.pipeline_kwargs!r} ({error})."
+                ) from None
+        if not isinstance(self.pipeline_kwargs, dict | None):
             raise ValueError(
                 f"pipeline_kwargs must be a JSON object such as '{{\"negative_prompt\": \"blurry\"}}', got "
                 f"{self.pipeline_kwargs!r}."
             )
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+        super().__post_init__()
         self.pipeline_kwargs = dict(self.pipeline_kwargs or {})
         owned = sorted(set(self.pipeline_kwargs) & PIPELINE_ARGUMENTS_SET_BY_TRAINER)
         if owned:
@@ -265,6 +320,15 @@ class NoisePPOConfig(_BaseConfig):
         if self.max_steps == 0:
             raise ValueError("max_steps=0 would train nothing: give a positive number of steps, or -1 to use num_train_epochs.")
         # `not x > 0` and not `x <= 0`, so that NaN fails too
+        if self.base_comparison_every < 0:
+            raise ValueError(f"base_comparison_every must be 0 (never) or positive, got {self.base_comparison_every}.")
+        if self.loss_type not in ("natural_step", "ppo_clip"):
+            raise ValueError(f"loss_type must be 'natural_step' or 'ppo_clip', got {self.loss_type!r}.")
+        if not (0 < self.step_size < math.inf and 0 <= self.std_step_size < math.inf):
+            raise ValueError(
+                f"step_size must be positive and std_step_size non-negative, both finite; got step_size={self.step_size}, "
+                f"std_step_size={self.std_step_size}."
+            )
         if not (0 < self.epsilon < math.inf and 0 < self.advantage_clip < math.inf and 0 <= self.beta < math.inf):
             raise ValueError(
                 f"epsilon and advantage_clip must be positive and beta non-negative, all finite; got epsilon={self.epsilon}, "

@@ -1,27 +1,36 @@
+import functools
 import inspect
+import json
 import math
 import os
+import queue
+import re
 import shlex
 import shutil
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future
 from importlib.metadata import version
 from pathlib import Path
 
+import safetensors.torch
 import torch
+import transformers.trainer
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard, ModelCardData
 from accelerate.utils import gather_object, is_peft_model
 from torch import nn
 from transformers import TrainerCallback, TrainerState, enable_full_determinism, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, speed_metrics
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints, speed_metrics
+from transformers.utils import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, CONFIG_NAME, SAFE_WEIGHTS_NAME, PushInProgress
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, get_callable_name, get_comet_experiment_url, get_trackio_space_url
 
@@ -30,6 +39,7 @@ from .evaluation import evaluation_metrics, paired_result, results_from_metrics,
 from .image_logging import log_images
 from .noise_generator import NoiseGenerator, load_noise_generator, pipeline_noise
 from .noise_injection import (
+    call_parameters,
     check_generator_fits,
     check_pipeline_takes_noise,
     discover_noise_spec,
@@ -52,19 +62,6 @@ EVALUATION_SALT = 1_000_003
 # A checkpoint, or the saved model, is written into this folder of the output folder, then moved into place when
 # complete; a save killed midway leaves only this folder, which the next save removes
 STAGING_DIR = "tmp-save"
-
-
-def gaussian_log_density(x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """Log density of `x` under N(mu, sigma^2), averaged over all dimensions but the batch: one value per sample."""
-    z = (x - mu) * torch.exp(-log_sigma)
-    per_dim = -0.5 * z**2 - log_sigma - 0.5 * math.log(2 * math.pi)
-    return per_dim.flatten(1).mean(dim=1)
-
-
-def kl_to_standard_normal(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma^2) || N(0, I)) in closed form, averaged over all dimensions but the batch."""
-    per_dim = 0.5 * (torch.exp(2 * log_sigma) + mu**2 - 1) - log_sigma
-    return per_dim.flatten(1).mean(dim=1)
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float) -> torch.Tensor:
@@ -99,18 +96,25 @@ def _check_prompt_dataset(dataset, name: str = "train_dataset") -> None:
             f"The {name} is a {type(dataset).__name__} without a length (a streaming dataset?); Noise PPO needs a "
             "map-style Dataset: load it with streaming=False, or take some rows: Dataset.from_list(list(dataset.take(n)))."
         )
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and "prompt" not in columns:
+    if len(dataset) == 0:
+        raise ValueError(f"The {name} is empty: Noise PPO needs at least one prompt.")
+    if not isinstance(dataset[0], Mapping):
+        raise ValueError(
+            f"Row 0 of the {name} is a {type(dataset[0]).__name__}; each row must be a dict with a `prompt` (and "
+            "any columns for the reward functions), e.g. Dataset.from_dict({'prompt': [...]})."
+        )
+    # a datasets.Dataset has columns; a torch Dataset or a list has rows
+    columns = getattr(dataset, "column_names", None) or list(dataset[0])
+    if "prompt" not in columns:
         raise ValueError(
             f"The {name} has no `prompt` column (its columns: {columns}). Rename the column holding the "
             "prompts, e.g. `dataset.rename_column('text', 'prompt')`."
         )
-    if len(dataset) == 0:
-        raise ValueError(f"The {name} is empty: Noise PPO needs at least one prompt.")
-    for index, prompt in enumerate(dataset["prompt"]):
+    prompts = dataset["prompt"] if hasattr(dataset, "column_names") else [dataset[i]["prompt"] for i in range(len(dataset))]
+    for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"Row {index} of the {name} has prompt {prompt!r}; every prompt must be a non-empty string.")
-    reserved = sorted({"prompts", "images", "trainer_state"} & set(columns or []))
+    reserved = sorted({"prompts", "images", "trainer_state"} & set(columns))
     if reserved:
         raise ValueError(
             f"The {name} has columns {reserved}, names the reward functions' own arguments take (`prompts`, "
@@ -145,6 +149,32 @@ def _check_metric_for_best_model(args: NoisePPOConfig, eval_datasets: dict, rewa
         )
 
 
+# `__call__` arguments a dataset column may give per prompt: images (a ControlNet's `image`, Flux Kontext's reference
+# `image`, Kandinsky 2.2's `image_embeds`). Any other argument is one value for every call, or the trainer's own.
+PER_PROMPT_ARGUMENT = re.compile(r"(\w+_)?(image|images|image_embeds)")
+
+
+def check_pipeline_kwargs(pipeline_class: type[DiffusionPipeline], pipeline_kwargs: dict) -> None:
+    """Refuses `pipeline_kwargs` that `pipeline_class.__call__` does not take."""
+    unknown = sorted(set(pipeline_kwargs) - set(inspect.signature(pipeline_class.__call__).parameters))
+    if unknown:
+        raise ValueError(f"pipeline_kwargs has {unknown}, which {pipeline_class.__name__}.__call__ does not take; remove them.")
+
+
+def _check_columns_for_pipeline(dataset, pipeline: DiffusionPipeline, name: str = "train_dataset") -> None:
+    columns = list(dataset[0])
+    arguments = call_parameters(pipeline)
+    misnamed = sorted(column for column in columns
+                      if column in arguments and column != "prompt" and not PER_PROMPT_ARGUMENT.fullmatch(column))
+    if misnamed:
+        raise ValueError(
+            f"The {name} has columns {misnamed}, named like arguments of {type(pipeline).__name__}.__call__ that "
+            "are not per-prompt images, which alone come from dataset columns. Set such arguments in the config "
+            "(num_inference_steps, guidance_scale, height, width) or in pipeline_kwargs (one value for every call), and "
+            "rename the columns if they are meant for the reward functions."
+        )
+
+
 class NoisePPOTrainer(_BaseTrainer):
     r"""
     Trainer for Noise PPO: a frozen text-to-image pipeline, and a small prompt-conditioned noise generator trained with
@@ -167,7 +197,7 @@ class NoisePPOTrainer(_BaseTrainer):
             another device score each chunk of images while the next is sampled (`args.score_while_sampling`).
         args ([`NoisePPOConfig`], *optional*):
             Configuration. Defaults to `NoisePPOConfig("<pipeline class>-NoisePPO")`.
-        train_dataset ([`~datasets.Dataset`]):
+        train_dataset ([`~datasets.Dataset`], or a map-style `torch.utils.data.Dataset` or list of dicts):
             Prompts, in a `prompt` column. Other columns are passed to the reward functions.
         eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
             Evaluation prompts, in a `prompt` column (other columns go to the rewards and judges), on which the
@@ -244,10 +274,13 @@ class NoisePPOTrainer(_BaseTrainer):
         if args is None:
             args = NoisePPOConfig(f"{type(pipeline).__name__}-NoisePPO")
         _check_prompt_dataset(train_dataset)
+        check_pipeline_takes_noise(pipeline)
+        _check_columns_for_pipeline(train_dataset, pipeline)
         eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {} if eval_dataset is None else {"": eval_dataset}
         for name, dataset in eval_datasets.items():
-            _check_prompt_dataset(dataset, f"eval_dataset[{name!r}]" if name else "eval_dataset")
-        check_pipeline_takes_noise(pipeline)
+            label = f"eval_dataset[{name!r}]" if name else "eval_dataset"
+            _check_prompt_dataset(dataset, label)
+            _check_columns_for_pipeline(dataset, pipeline, label)
         min_prompts = args.per_device_train_batch_size * args.steps_per_generation * args.world_size // args.num_generations
         if len(train_dataset) < min_prompts:
             raise ValueError(
@@ -278,11 +311,7 @@ class NoisePPOTrainer(_BaseTrainer):
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
 
-        unknown = sorted(set(args.pipeline_kwargs) - set(inspect.signature(pipeline.__call__).parameters))
-        if unknown:
-            raise ValueError(
-                f"pipeline_kwargs has {unknown}, which {type(pipeline).__name__}.__call__ does not take; remove them."
-            )
+        check_pipeline_kwargs(type(pipeline), args.pipeline_kwargs)
         example_embeds = prompt_conditioning(pipeline, [train_dataset[0]], **args.pipeline_kwargs)
         try:
             noise_spec = discover_noise_spec(pipeline, self._pipeline_kwargs(args, pipeline, example_embeds))
@@ -401,9 +430,13 @@ class NoisePPOTrainer(_BaseTrainer):
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _rollout_generator(self, salt: int) -> torch.Generator:
-        # Seeded by the optimiser step, not by the global RNG, so that a resumed run samples what an uninterrupted one would.
-        seed = hash((self.args.seed, self.state.global_step, self.accelerator.process_index, salt)) % 2**62
-        return torch.Generator().manual_seed(seed)
+        # Seeded by the optimiser step, not by the global RNG, so that a resumed run samples what an uninterrupted one
+        # would; and by the micro-step within it, which tells apart generation batches that share an optimiser step
+        # (gradient_accumulation_steps > steps_per_generation * num_iterations). Left out at 0, where a generation batch
+        # starts in every other setting, so that those keep the draws they always had.
+        within_step = self._step % self.args.gradient_accumulation_steps
+        key = (self.args.seed, self.state.global_step, self.accelerator.process_index, salt) + ((within_step,) if within_step else ())
+        return torch.Generator().manual_seed(hash(key) % 2**62)
 
     @torch.no_grad()
     def _sample_and_score(self, batch: list[dict]) -> dict[str, torch.Tensor]:
@@ -413,12 +446,11 @@ class NoisePPOTrainer(_BaseTrainer):
         embeds = prompt_conditioning(self.pipeline, batch[::k], **self.args.pipeline_kwargs)
         sample_embeds = repeat_rows(embeds, k)
 
-        # x_T = mu(c) + sigma(c) * eps: the action, and its log-density under the policy that sampled it
-        mu, log_sigma = generator(**generator_inputs(embeds))
-        mu, log_sigma = mu.repeat_interleave(k, dim=0), log_sigma.repeat_interleave(k, dim=0)
-        eps = torch.randn(mu.shape, generator=self._rollout_generator(salt=0)).to(device)
-        noise = mu + torch.exp(log_sigma) * eps
-        old_log_density = gaussian_log_density(noise, mu, log_sigma)
+        # x_T ~ pi(. | c): each prompt's noise distribution, sampled num_generations times (x_T = mu(c) + sigma(c) eps)
+        policy = generator(**generator_inputs(embeds)).repeat_interleave(k)
+        eps = torch.randn(policy.mean.shape, generator=self._rollout_generator(salt=0)).to(device)
+        noise = policy.sample(eps)
+        _check_noise_is_finite(noise)
 
         # The frozen pipeline turns each noise into an image, sample_batch_size at a time; stochastic schedulers draw from
         # a seeded generator. Rewards that can run concurrently (async, served, on another device) score each chunk
@@ -441,17 +473,12 @@ class NoisePPOTrainer(_BaseTrainer):
         images, chunk_rewards, sample_seconds = [], [], 0.0
         images_per_call = self.args.sample_batch_size or len(prompts)
         rollout_start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) if self.args.score_while_sampling else _ScoreAfterSampling() as scorer:
+        with _ScoreWhileSampling() if self.args.score_while_sampling else _ScoreAfterSampling() as scorer:
             for start in range(0, len(prompts), images_per_call):
                 call = slice(start, start + images_per_call)
                 sample_start = time.perf_counter()
-                output = self.pipeline(
-                    **self._pipeline_kwargs(self.args, self.pipeline, take_rows(sample_embeds, call)),
-                    latents=pipeline_noise(noise[call], generator.config).to(self.noise_dtype),
-                    generator=self._rollout_generator(salt=2 + start),
-                )
-                # output[0]: the images, whatever the output calls them (Kandinsky 5: `image`)
-                images.append(images_in_unit_range(self.pipeline, output[0].float()))
+                noise_for_pipeline = pipeline_noise(noise[call], generator.config)
+                images.append(self._sample_images(take_rows(sample_embeds, call), noise_for_pipeline, salt=2 + start))
                 sample_seconds += time.perf_counter() - sample_start
                 chunk_rewards.append(scorer.submit(score, concurrent, images[-1], call))
             images = torch.cat(images)
@@ -473,13 +500,25 @@ class NoisePPOTrainer(_BaseTrainer):
                 f"The weighted sum of the rewards overflows float32 (reward_weights={weights.tolist()}, largest reward "
                 f"{rewards_per_func.nan_to_num().abs().max().item():.3g}). Scale the rewards or reward_weights down."
             )
-        if rewards_per_func.isnan().all():
-            warnings.warn("No reward function scored any image of this generation batch (all returned None): nothing is learned from it.")
         rewards[rewards_per_func.isnan().all(dim=1)] = torch.nan
+        _warn_if_no_group_is_scored(rewards, k)
         log_images(self, images, prompts, rewards)
 
         # A = clip((r - mean_group(r)) / std_group(r))
         advantages = group_advantages(rewards, k, self.args.advantage_clip)
+
+        generation_batch_index = self._step // (self.args.steps_per_generation * self.args.num_iterations)
+        if self.args.base_comparison_every and generation_batch_index % self.args.base_comparison_every == 0:
+            # The learning-signal diagnostic: each prompt's first image against the base pipeline's from the same eps
+            firsts, base_eps = slice(None, None, k), eps[::k]
+            base_images = torch.cat([
+                self._sample_images(take_rows(embeds, call), base_eps[call], salt=-1 - call.start)
+                for call in (slice(start, start + images_per_call) for start in range(0, len(base_eps), images_per_call))
+            ])
+            base_rewards = call_reward_funcs(self.reward_funcs, images=base_images, prompts=prompts[firsts],
+                                             trainer_state=self.state, **{name: values[firsts] for name, values in columns.items()})
+            base_rewards = (base_rewards.to(device) * weights).nansum(dim=1)
+            self._metrics["gain_over_base"].append(self.accelerator.gather(rewards[firsts] - base_rewards).nanmean().item())
 
         all_rewards_per_func = self.accelerator.gather(rewards_per_func)
         all_rewards = self.accelerator.gather(rewards)
@@ -489,48 +528,70 @@ class NoisePPOTrainer(_BaseTrainer):
         self._metrics["reward"].append(all_rewards.nanmean().item())
         self._metrics["reward_std"].append(_nanstd(all_rewards))
 
-        return {
-            **{name: value for name, value in generator_inputs(repeat_rows(embeds, k)).items() if value is not None},
+        rollout = {
+            **{name: value for name, value in generator_inputs(sample_embeds).items() if value is not None},
             "noise": noise,
-            "old_log_density": old_log_density,
             "advantages": advantages,
             "rewarded": (~rewards.isnan()).float(),
         }
+        if self.args.loss_type == "natural_step":
+            # pi* = the policy one natural-gradient step up E[A] - beta KL(pi || N(0, I)), which the epochs regress onto
+            target = policy.natural_step(noise, advantages, k, self.args.step_size,
+                                         self.args.std_step_size if generator.config.learn_sigma else 0.0, self.args.beta)
+            rollout.update({f"target_{name}": value for name, value in target._asdict().items()})
+            self._metrics["step_rms"].append(self.accelerator.gather(target.squared_distance(policy).sqrt()).mean().item())
+        else:
+            rollout["old_log_prob"] = policy.log_prob(noise)
+        return rollout
+
+    def _sample_images(self, embeds: dict, noise: torch.Tensor, salt: int) -> torch.Tensor:
+        """The frozen pipeline's images, in [0, 1], for one row of `embeds` per noise; stochastic schedulers draw from a
+        generator seeded by the step and `salt`."""
+        output = self.pipeline(
+            **self._pipeline_kwargs(self.args, self.pipeline, embeds),
+            latents=noise.to(self.noise_dtype),
+            generator=self._rollout_generator(salt=salt),
+        )
+        # output[0]: the images, whatever the output calls them (Kandinsky 5: `image`)
+        images = images_in_unit_range(self.pipeline, output[0].float())
+        _check_images_are_finite(images, self.pipeline)
+        return images
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mu, log_sigma = model(**generator_inputs(inputs))
-
-        # ratio = pi_theta(x|c) / pi_old(x|c), as a geometric mean over the noise's dimensions: the summed log-ratio
-        # over tens of thousands of dimensions would leave any clip range after the smallest step
-        log_ratio = gaussian_log_density(inputs["noise"], mu, log_sigma) - inputs["old_log_density"]
-        ratio = torch.exp(log_ratio)
-
-        # L = E[max(-A ratio, -A clip(ratio, 1 - epsilon, 1 + epsilon))] + beta KL(pi_theta || N(0, I))
-        advantages, rewarded = inputs["advantages"], inputs["rewarded"]
-        clipped_ratio = torch.clamp(ratio, 1 - self.args.epsilon, 1 + self.args.epsilon)
-        policy_loss = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
-        policy_loss = (policy_loss * rewarded).sum() / rewarded.sum().clamp(min=1)
-        kl_prior = kl_to_standard_normal(mu, log_sigma)
-        loss = policy_loss + self.args.beta * kl_prior.mean()
+        policy = model(**generator_inputs(inputs))
+        kl = policy.kl_to_prior()
+        metrics = {"kl": kl}
+        if self.args.loss_type == "natural_step":
+            # L = E[ |mu - mu*|^2 + |log sigma - log sigma*|^2 ]: regress onto the natural step's target, whose pull
+            # towards N(0, I) (beta) is part of it; every sample of a prompt carries its prompt's target
+            target = type(policy)(**{name: inputs[f"target_{name}"] for name in policy._fields})
+            loss = policy.squared_distance(target).mean()
+        else:
+            # ratio = pi_theta(x|c) / pi_old(x|c), as a geometric mean over the noise's dimensions: the summed
+            # log-ratio over tens of thousands of dimensions would leave any clip range after the smallest step
+            log_ratio = policy.log_prob(inputs["noise"]) - inputs["old_log_prob"]
+            ratio = torch.exp(log_ratio)
+            # L = E[max(-A ratio, -A clip(ratio, 1 - epsilon, 1 + epsilon))] + beta KL(pi_theta || N(0, I))
+            advantages, rewarded = inputs["advantages"], inputs["rewarded"]
+            clipped_ratio = torch.clamp(ratio, 1 - self.args.epsilon, 1 + self.args.epsilon)
+            policy_loss = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+            policy_loss = (policy_loss * rewarded).sum() / rewarded.sum().clamp(min=1)
+            loss = policy_loss + self.args.beta * kl.mean()
+            metrics["clip_ratio/region_mean"] = ((ratio - 1).abs() > self.args.epsilon).float()
+            metrics["approx_kl"] = (ratio - 1) - log_ratio
         if not loss.isfinite():
             raise FloatingPointError(
-                f"The loss is {loss.item()} at step {self.state.global_step} (policy loss {policy_loss.item()}, KL to "
-                f"N(0, I) {kl_prior.mean().item()}): the generator's output is no longer finite. Lower learning_rate; "
-                "nothing of this step was saved, so the last checkpoint is intact."
+                f"The loss is {loss.item()} at step {self.state.global_step} (KL to N(0, I) {kl.mean().item()}): the "
+                "generator's output is no longer finite. Lower learning_rate; nothing of this step was saved, so the "
+                "last checkpoint is intact."
             )
 
         with torch.no_grad():
-            clipped = ((ratio - 1).abs() > self.args.epsilon).float()
-            approx_kl = (ratio - 1) - log_ratio
-            for name, value in {
-                "clip_fraction": clipped,
-                "approx_kl": approx_kl,
-                "kl_prior": kl_prior,
-                "policy/sigma": torch.exp(log_sigma).flatten(1).mean(dim=1),
-                "policy/mu_rms": mu.flatten(1).pow(2).mean(dim=1).sqrt(),
-            }.items():
-                self._metrics[name].append(self.accelerator.gather(value).mean().item())
-        return (loss, mu) if return_outputs else loss
+            metrics["policy/sigma"] = torch.exp(policy.log_std).flatten(1).mean(dim=1)
+            metrics["policy/mu_rms"] = policy.mean.flatten(1).pow(2).mean(dim=1).sqrt()
+            for name, value in metrics.items():
+                self._metrics[name].append(self.accelerator.gather(value.detach()).mean().item())
+        return (loss, policy.mean) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         metrics = {}
@@ -564,6 +625,7 @@ class NoisePPOTrainer(_BaseTrainer):
         if dataset is None:
             raise ValueError("evaluate needs prompts: give the trainer an eval_dataset (a Dataset with a `prompt` column), or evaluate one.")
         _check_prompt_dataset(dataset, "eval_dataset")
+        _check_columns_for_pipeline(dataset, self.pipeline, "eval_dataset")
         start_time = time.time()
         cache_key = (metric_key_prefix, getattr(dataset, "_fingerprint", id(dataset)))
         if cache_key not in self._base_scores:
@@ -604,12 +666,14 @@ class NoisePPOTrainer(_BaseTrainer):
             embeds = prompt_conditioning(self.pipeline, examples, **self.args.pipeline_kwargs)
             eps = torch.cat([self._evaluation_eps(index, k) for index in chunk]).to(device)
             noise = self._generator_noise(embeds, eps) if with_generator else eps
+            _check_noise_is_finite(noise)
             output = self.pipeline(
                 **self._pipeline_kwargs(self.args, self.pipeline, repeat_rows(embeds, k)),
                 latents=noise.to(self.noise_dtype),
                 generator=self._evaluation_generator(chunk[0]),  # the same scheduler noise for both pipelines
             )
-            images = images_in_unit_range(self.pipeline, output.images.float())
+            images = images_in_unit_range(self.pipeline, output[0].float())  # Kandinsky 5 names them `image`
+            _check_images_are_finite(images, self.pipeline)
             rows = [example for example in examples for _ in range(k)]
             columns = {name: [row[name] for row in rows] for name in rows[0] if name != "prompt"}
             scores = call_reward_funcs(funcs, images=images, prompts=[row["prompt"] for row in rows],
@@ -623,10 +687,8 @@ class NoisePPOTrainer(_BaseTrainer):
         """The noise the pipeline gets from the current generator for the unit noise `eps` (`len(eps) // len(prompts)`
         rows per prompt of `embeds`): `mu + sigma * eps`."""
         generator = self.accelerator.unwrap_model(self.model)
-        mu, log_sigma = generator(**generator_inputs(embeds))
-        k = len(eps) // len(mu)
-        noise = mu.repeat_interleave(k, dim=0) + torch.exp(log_sigma.repeat_interleave(k, dim=0)) * eps
-        return pipeline_noise(noise, generator.config)
+        policy = generator(**generator_inputs(embeds))
+        return pipeline_noise(policy.repeat_interleave(len(eps) // len(policy.mean)).sample(eps), generator.config)
 
     def _evaluation_eps(self, prompt_index: int, count: int) -> torch.Tensor:
         # Drawn from the seed and the prompt's index alone: the same noise at every evaluation, on any process count
@@ -662,6 +724,8 @@ class NoisePPOTrainer(_BaseTrainer):
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # an earlier run's of the same step, as the Trainer overwrites it
             os.replace(os.path.join(staging_dir, checkpoint_name), checkpoint_dir)
             shutil.rmtree(staging_dir)
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(checkpoint_dir)
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
@@ -675,23 +739,86 @@ class NoisePPOTrainer(_BaseTrainer):
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staging_dir, checkpoint_name, TRAINER_STATE_NAME))
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer's own push would upload the staging copy of the checkpoint, which is moved away at once, and the
+        # output folder with the staging folder in it, which the next checkpoint writes while the upload reads; and it
+        # would copy the weights into the output folder in place, where a run killed midway would leave them truncated.
+        if self._staging_dir is not None:  # the staging copy: `_save_checkpoint` pushes the checkpoint once in place
+            return
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        staging_dir = os.path.join(output_dir, STAGING_DIR)
+        os.makedirs(staging_dir, exist_ok=True)
+        # the checkpoint's model, as the repository's current one
+        for name in (CONFIG_NAME, SAFE_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, TRAINING_ARGS_NAME):
+            if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(staging_dir, name))
+                os.replace(os.path.join(staging_dir, name), os.path.join(output_dir, name))
+        shutil.rmtree(staging_dir)
+        message = f"Training in progress, step {self.state.global_step}"
+        upload = functools.partial(
+            transformers.trainer.hf_api().upload_folder,
+            repo_id=self.hub_model_id,
+            token=self.args.hub_token,
+            run_as_future=True,
+            revision=self.args.hub_revision,
+        )
+        jobs = [upload(folder_path=output_dir, commit_message=message,
+                       ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*", f"{STAGING_DIR}/*"])]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else os.path.basename(checkpoint_folder)
+            jobs.append(upload(folder_path=checkpoint_folder, path_in_repo=path_in_repo, commit_message=f"{message}, checkpoint"))
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
     def _get_output_dir(self, trial):
         return self._staging_dir or super()._get_output_dir(trial)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        # Every file of the checkpoint is read before any of it is loaded: the Trainer would take the newest checkpoint
+        # however damaged, fail on it with an error naming no file, or resume inexactly without its optimiser state
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._newest_complete_checkpoint()
+        elif resume_from_checkpoint:
+            problem = _checkpoint_problem(str(resume_from_checkpoint), self.args, self.accelerator.num_processes)
+            if problem:
+                raise ValueError(
+                    f"Cannot resume exactly from {resume_from_checkpoint}: {problem}. Resume from another checkpoint "
+                    "(resume_from_checkpoint=True takes the newest complete one)."
+                )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _newest_complete_checkpoint(self) -> str:
+        output_dir = self.args.output_dir
+        names = [name for name in os.listdir(output_dir) if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name)] if os.path.isdir(output_dir) else []
+        skipped = []
+        for name in sorted(names, key=lambda name: int(name.split("-")[1]), reverse=True):
+            problem = _checkpoint_problem(os.path.join(output_dir, name), self.args, self.accelerator.num_processes)
+            if problem is None:
+                if skipped:
+                    warnings.warn(f"resume_from_checkpoint=True skipped {', '.join(skipped)}; resuming from {name}.")
+                return os.path.join(output_dir, name)
+            skipped.append(f"{name} ({problem})")
+        raise ValueError(
+            f"No checkpoint in {output_dir} can resume the run exactly"
+            + (f": {', '.join(skipped)}" if skipped else " (there is none)")
+            + ". Start afresh without resume_from_checkpoint, or with a new output_dir."
+        )
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+        state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
         self._step = state.global_step * self.args.gradient_accumulation_steps
         rollout_file = os.path.join(resume_from_checkpoint, ROLLOUT_FILE.format(self.accelerator.process_index))
-        if os.path.isfile(rollout_file):
+        if os.path.isfile(rollout_file):  # else the checkpoint is between two generation batches: `train` checked it
             rollout = torch.load(rollout_file, weights_only=True)
             self._buffered_inputs = [{name: value.to(self.accelerator.device) for name, value in inputs.items()} for inputs in rollout]
-        elif self._step % (self.args.steps_per_generation * self.args.num_iterations) != 0:
-            raise ValueError(
-                f"The checkpoint {resume_from_checkpoint} has no {os.path.basename(rollout_file)}: it was saved in the middle "
-                "of a generation batch's PPO epochs and cannot resume exactly without those samples. Resume from an "
-                "earlier checkpoint."
-            )
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         _raise_if_not_finite(self.model, "weights", self.state.global_step)
@@ -804,6 +931,83 @@ class NoisePPOTrainer(_BaseTrainer):
         return "\n".join(sections)
 
 
+def _checkpoint_problem(checkpoint: str, args: NoisePPOConfig, num_processes: int) -> str | None:
+    """Why `checkpoint` cannot resume a run exactly (a file missing, damaged, or holding non-finite weights), or None.
+    Every process checks every process's files, so that all choose the same checkpoint."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as file:
+            global_step = json.load(file)["global_step"]
+    except FileNotFoundError:
+        return f"it has no {TRAINER_STATE_NAME}"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"its {TRAINER_STATE_NAME} is damaged or incomplete ({error})"
+    weights = [name for name in (SAFE_WEIGHTS_NAME, ADAPTER_SAFE_WEIGHTS_NAME) if os.path.isfile(os.path.join(checkpoint, name))]
+    if not weights:
+        return f"it holds no weights ({SAFE_WEIGHTS_NAME} or {ADAPTER_SAFE_WEIGHTS_NAME})"
+    for name in weights:
+        try:
+            tensors = safetensors.torch.load_file(os.path.join(checkpoint, name))
+        except Exception as error:  # safetensors' own error types
+            return f"its {name} is damaged or incomplete ({error})"
+        if not all(tensor.isfinite().all() for tensor in tensors.values()):
+            return f"its {name} holds non-finite (NaN or inf) weights"
+    rng_files = [f"rng_state_{index}.pth" for index in range(num_processes)] if num_processes > 1 else ["rng_state.pth"]
+    for name in [OPTIMIZER_NAME, SCHEDULER_NAME, *rng_files]:
+        if not os.path.isfile(os.path.join(checkpoint, name)):
+            return f"it has no {name}, without which the run cannot continue as it would have (saved with save_only_model?)"
+    generate_every = args.steps_per_generation * args.num_iterations
+    for index in range(num_processes):
+        name = ROLLOUT_FILE.format(index)
+        if not os.path.isfile(os.path.join(checkpoint, name)) and global_step * args.gradient_accumulation_steps % generate_every:
+            return (
+                f"it has no {name}: it was saved in the middle of a generation batch's PPO epochs and cannot resume "
+                "exactly without those samples"
+            )
+    pickles = [OPTIMIZER_NAME, SCHEDULER_NAME, *rng_files, *(ROLLOUT_FILE.format(i) for i in range(num_processes))]
+    for name in [name for name in pickles if os.path.isfile(os.path.join(checkpoint, name))]:
+        try:
+            with safe_globals():  # what rng_state.pth holds besides tensors, as the Trainer loads it
+                torch.load(os.path.join(checkpoint, name), weights_only=True)
+        except Exception as error:  # torch.load's errors on a cut file are of many types
+            return f"its {name} is damaged or incomplete ({' '.join(str(error).split())[:200]})"
+    return None
+
+
+def _warn_if_no_group_is_scored(rewards: torch.Tensor, num_generations: int) -> None:
+    """Advantages compare the images of one prompt: a prompt with fewer than two scored images teaches nothing."""
+    scored_per_prompt = (~rewards.isnan()).view(-1, num_generations).sum(dim=1)
+    if scored_per_prompt.max() == 0:
+        warnings.warn("No reward function scored any image of this generation batch (all returned None): nothing is learned from it.")
+    elif scored_per_prompt.max() < 2:
+        warnings.warn(
+            "No prompt of this generation batch has two or more scored images (the reward functions returned None for "
+            f"the others), so nothing is learned from it: advantages compare the {num_generations} images of each prompt. "
+            "Score more images, or raise num_generations."
+        )
+
+
+def _count_not_finite(samples: torch.Tensor) -> int:
+    return (~samples.flatten(1).isfinite().all(dim=1)).sum().item()
+
+
+def _check_noise_is_finite(noise: torch.Tensor) -> None:
+    if not_finite := _count_not_finite(noise):
+        raise FloatingPointError(
+            f"The noise generator's noise is not finite (NaN or inf) for {not_finite} of {len(noise)} samples: its weights "
+            "are not. Continue from a checkpoint whose weights are finite, or from a new generator."
+        )
+
+
+def _check_images_are_finite(images: torch.Tensor, pipeline: DiffusionPipeline) -> None:
+    # checked before any reward sees them, which would otherwise be blamed for the NaN
+    if not_finite := _count_not_finite(images):
+        raise FloatingPointError(
+            f"{type(pipeline).__name__} made non-finite images (NaN or inf) for {not_finite} of {len(images)} samples from "
+            f"finite noise: the pipeline overflows in its dtype ({pipeline.dtype}), as float16 VAEs do. Load it in "
+            "bfloat16 or float32 (torch_dtype=, or --dtype on the command line), or with a VAE made for float16."
+        )
+
+
 def _raise_if_not_finite(model: nn.Module, what: str, step: int) -> None:
     tensors = [param.grad if what == "gradient" else param for param in model.parameters() if param.requires_grad]
     tensors = [tensor.detach().flatten() for tensor in tensors if tensor is not None]
@@ -823,6 +1027,38 @@ class _FiniteGeneratorGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         _raise_if_not_finite(model, "weights", state.global_step)
+
+
+class _ScoreWhileSampling(Executor):
+    """Runs the scoring tasks submitted to it, in order, on a thread of its own, while the `with` block samples. A block
+    that ends with an error raises it at once: the task still running (a reward server that hangs) is left to finish
+    on its daemon thread, which does not hold up the interpreter's exit either, and the tasks not started are dropped."""
+
+    def __init__(self):
+        self._tasks = queue.SimpleQueue()
+        self._futures = []
+        threading.Thread(target=self._run_tasks, name="score-while-sampling", daemon=True).start()
+
+    def _run_tasks(self):
+        while (task := self._tasks.get()) is not None:
+            future, fn, args, kwargs = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as error:  # raised again by future.result(), in the training thread
+                    future.set_exception(error)
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        self._futures.append(Future())
+        self._tasks.put((self._futures[-1], fn, args, kwargs))
+        return self._futures[-1]
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is not None:
+            for future in self._futures:
+                future.cancel()
+        self._tasks.put(None)  # the thread ends once the tasks before it are done
+        return False
 
 
 class _ScoreAfterSampling(Executor):

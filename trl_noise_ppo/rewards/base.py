@@ -18,7 +18,8 @@ class ModelReward(ABC):
     scored `batch_size` at a time under `torch.no_grad()`, with the model in `dtype`.
 
     Subclasses implement `_load(device)` and `_score(images, prompts)`, and list the files `_load` reads in
-    `required_files()`, which the trainer and the evaluate command check before generating anything.
+    `required_files()` and the optional packages they import in `required_packages()`, which the trainer and the
+    evaluate command check before generating anything.
     """
 
     def __init__(self, name: str, device: str | torch.device | None, dtype: torch.dtype, batch_size: int):
@@ -49,6 +50,11 @@ class ModelReward(ABC):
     def required_files(self) -> list:
         """The `RequiredFile`s (repository or folder, file name, argument) that `_load` reads; none by default."""
         return []
+
+    def required_packages(self) -> dict[str, str]:
+        """The Python packages the reward imports beyond the package's own requirements, each with how to install it;
+        none by default."""
+        return {}
 
     @abstractmethod
     def _load(self, device: torch.device) -> None:

@@ -123,11 +123,13 @@ class HPSv2Reward(CLIPReward):
         name: str = "hpsv2",
         antialias: bool = True,
     ):
-        _import_ftfy()  # fail at construction, not at the first call
         super().__init__(name, model_id, None, device, dtype, batch_size)
         self.filename = filename
         self.config_id = config_id
         self.antialias = antialias
+
+    def required_packages(self):
+        return {"ftfy": "pip install ftfy, or pip install 'trl-noise-ppo[hps]'"}
 
     def required_files(self):
         return [

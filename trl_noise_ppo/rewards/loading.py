@@ -1,6 +1,7 @@
 """Finding and loading reward weights: local folders or the Hugging Face Hub, safely, with clear errors."""
 
 import contextlib
+import importlib
 import os
 import pickle
 import re
@@ -78,14 +79,33 @@ def _resolves(required: RequiredFile) -> bool:
     return False
 
 
+def _missing_packages(reward_funcs: list[Callable]) -> list[str]:
+    """`package (for <rewards>; <how to install it>)` for each optional package the rewards import
+    (`required_packages()`) that does not import here."""
+    needed = {}  # package -> (the rewards that need it, how to install it)
+    for reward in reward_funcs:
+        for package, install in (reward.required_packages() if hasattr(reward, "required_packages") else {}).items():
+            needed.setdefault(package, ([], install))[0].append(reward.__name__)
+    missing = []
+    for package, (names, install) in needed.items():
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(f"{package} (for {', '.join(names)}; {install})")
+    return missing
+
+
 def check_reward_files(reward_funcs: list[Callable]) -> None:
     """Resolves every file the built-in model rewards among `reward_funcs` will load (their `required_files()`): from
-    local folders, the Hugging Face cache, or the Hub when online, so that a missing file stops a run before any
-    image is generated rather than at the first reward call. Other callables are not checked.
+    local folders, the Hugging Face cache, or the Hub when online, and imports the optional packages they need
+    (`required_packages()`), so that a missing file or package stops a run before any image is generated rather than
+    at the first reward call. Other callables are not checked.
 
     Raises one `MissingWeightsError` that lists every missing repository and file, with the `hf download` commands
-    that fetch them.
+    that fetch them, and every missing package; an `ImportError` that lists the missing packages if no file is missing.
     """
+    packages = _missing_packages(reward_funcs)
+    packages_missing = f"Python packages are missing: {', '.join(packages)}."
     resolved: dict[tuple, bool] = {}  # each file is looked up once, however many rewards need it
     files: dict[str, list[str]] = {}  # missing repository or folder -> its missing files
     needed_as: dict[str, list[str]] = {}  # -> the reward arguments that name it, e.g. "hpsv2's config_id="
@@ -104,6 +124,8 @@ def check_reward_files(reward_funcs: list[Callable]) -> None:
             repo_files += [required.filename] if required.filename not in repo_files else []
             arguments += [argument] if argument not in arguments else []
     if not files:
+        if packages:
+            raise ImportError(packages_missing)
         return
     offline = " (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else ""
     listing = "\n".join(
@@ -126,7 +148,7 @@ def check_reward_files(reward_funcs: list[Callable]) -> None:
     raise MissingWeightsError(
         f"Reward weights are missing: these files are neither in the given folders nor in the Hugging Face cache "
         f"({hub_constants.HF_HUB_CACHE}), and could not be downloaded{offline}:\n{listing}\n{fetch}Or put the "
-        f"files in a folder and pass the folder as the argument named.{formats}"
+        f"files in a folder and pass the folder as the argument named.{formats}" + (f"\n{packages_missing}" if packages else "")
     )
 
 

@@ -4,6 +4,7 @@ import base64
 import http.client
 import io
 import json
+import math
 import threading
 import time
 import urllib.error
@@ -56,10 +57,13 @@ class HTTPReward:
         retries: int = 3,
         backoff: float = 1.0,
     ):
-        if batch_size < 1 or retries < 0 or not timeout > 0 or not backoff >= 0:
+        whole = all(isinstance(value, int) and not isinstance(value, bool) for value in (batch_size, retries))
+        # `not x > 0` and not `x <= 0`, so that NaN fails too; a wait beyond threading.TIMEOUT_MAX overflows
+        if not (whole and batch_size >= 1 and retries >= 0 and 0 < timeout <= threading.TIMEOUT_MAX and 0 <= backoff < math.inf):
             raise ValueError(
-                f"HTTPReward needs batch_size >= 1, retries >= 0, timeout > 0 and backoff >= 0; got batch_size="
-                f"{batch_size}, retries={retries}, timeout={timeout}, backoff={backoff}."
+                f"HTTPReward needs batch_size >= 1, retries >= 0, timeout > 0 and backoff >= 0, the first two whole numbers "
+                f"and the last two finite (timeout at most {threading.TIMEOUT_MAX:.3g} s); got batch_size={batch_size!r}, "
+                f"retries={retries!r}, timeout={timeout!r}, backoff={backoff!r}."
             )
         self.url = url
         self.__name__ = name

@@ -27,12 +27,12 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
-from trl import TrlParser
 from trl.trainer.utils import get_callable_name
 
 from ..evaluation import paired_result, results_table, with_card_section
 from ..rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 from .utils import (
+    ConfigCheckingParser,
     ModelArguments,
     PromptArguments,
     default_device,
@@ -124,8 +124,8 @@ class EvaluateArguments:
             )
 
 
-def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser((EvaluateArguments, ModelArguments, PromptArguments), prog=prog)
+def make_parser(prog: str | None = None) -> ConfigCheckingParser:
+    return ConfigCheckingParser((EvaluateArguments, ModelArguments, PromptArguments), prog=prog)
 
 
 def main(args: EvaluateArguments, model_args: ModelArguments, prompt_args: PromptArguments) -> dict:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from trl import TrlParser
 
 from .utils import (
+    ConfigCheckingParser,
     ModelArguments,
     PromptArguments,
     default_device,
@@ -77,8 +77,8 @@ class GenerateArguments:
             )
 
 
-def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser((GenerateArguments, ModelArguments, PromptArguments), prog=prog)
+def make_parser(prog: str | None = None) -> ConfigCheckingParser:
+    return ConfigCheckingParser((GenerateArguments, ModelArguments, PromptArguments), prog=prog)
 
 
 def main(args: GenerateArguments, model_args: ModelArguments, prompt_args: PromptArguments) -> list[Path]:

@@ -16,11 +16,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datasets import Dataset
-from trl import TrlParser
 
 from ..noise_ppo_config import NoisePPOConfig
-from ..noise_ppo_trainer import NoisePPOTrainer
-from .utils import ModelArguments, PromptArguments, check_local_path, load_pipeline, load_prompt_dataset, reward_funcs_from_names
+from ..noise_ppo_trainer import NoisePPOTrainer, check_pipeline_kwargs
+from .utils import (
+    ConfigCheckingParser,
+    ModelArguments,
+    PromptArguments,
+    check_local_path,
+    load_pipeline,
+    load_prompt_dataset,
+    pipeline_class_of,
+    reward_funcs_from_names,
+)
 
 
 # `trl-noise-ppo train` puts its command line here for the model card (the training processes see only their part)
@@ -79,8 +87,8 @@ class TrainArguments:
     max_eval_prompts: int | None = field(default=None, metadata={"help": "Keep only the first this many evaluation prompts."})
 
 
-def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser((TrainArguments, NoisePPOConfig, ModelArguments, PromptArguments), prog=prog)
+def make_parser(prog: str | None = None) -> ConfigCheckingParser:
+    return ConfigCheckingParser((TrainArguments, NoisePPOConfig, ModelArguments, PromptArguments), prog=prog)
 
 
 def check_arguments(
@@ -91,6 +99,9 @@ def check_arguments(
     if model_args.pipeline_name_or_path is None:
         raise ValueError("No pipeline given: pass --pipeline_name_or_path (a Hub id or a local folder).")
     check_local_path(model_args.pipeline_name_or_path, "The pipeline")
+    pipeline_class = pipeline_class_of(model_args)
+    if pipeline_class is not None:
+        check_pipeline_kwargs(pipeline_class, training_args.pipeline_kwargs)
     if train_args.noise_generator_name_or_path is not None:
         check_local_path(train_args.noise_generator_name_or_path, "The noise generator")
     reward_funcs = reward_funcs_from_names(train_args.reward_funcs)

@@ -1,15 +1,23 @@
 """What the `trl-noise-ppo` commands share: the pipeline and prompt arguments, and loading them with clear errors."""
 
+import dataclasses
+import enum
+import importlib
 import json
 import os
+import sys
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+import diffusers
 from datasets import Dataset, load_dataset
 from diffusers import DiffusionPipeline
+from trl import TrlParser
 
 from ..noise_generator import load_noise_generator
 from ..noise_pipeline import NoisePPOPipeline
@@ -18,6 +26,66 @@ from ..rewards.registry import import_reward
 
 
 PROMPT_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a `--config` value fits a dataclass field's annotation. A string fits any single value: argparse converts
+    it, and says so when it cannot. Annotations this check does not know fit anything."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if annotation is type(None):
+        return value is None
+    if isinstance(value, str):
+        return origin is not dict and annotation is not dict
+    if origin is typing.Literal:
+        return value in args
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return False  # the value is no string
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, annotation)
+    return True
+
+
+def _described(annotation, plural: bool = False) -> str:
+    """`int | None` -> "an int", `list[float]` -> "a list of floats", as a message names a field's type."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_described(arg, plural) for arg in args if arg is not type(None))
+    if origin is list:
+        return f"a list of {_described(args[0], plural=True)}"
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    name = {int: "int", float: "float", bool: "bool", str: "string", dict: "mapping"}.get(origin or annotation)
+    name = name or getattr(annotation, "__name__", str(annotation))
+    return f"{name}s" if plural else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+class ConfigCheckingParser(TrlParser):
+    """`TrlParser`, refusing a `--config` value of the wrong type (`num_generations: [4]`, `reward_weights: 1.0`) with
+    the field and its type: argparse converts only string defaults, so such a value would reach the dataclasses as it
+    is and fail there with a `TypeError` naming neither."""
+
+    def set_defaults_with_config(self, **config) -> list[str]:
+        for dataclass_type in self.dataclass_types:
+            hints = typing.get_type_hints(dataclass_type)
+            for field in dataclasses.fields(dataclass_type):
+                if field.name in config and not _fits(config[field.name], hints[field.name]):
+                    raise ValueError(
+                        f"The config file gives {field.name}: {config[field.name]!r}, which is not "
+                        f"{_described(hints[field.name])}."
+                    )
+        return super().set_defaults_with_config(**config)
 
 
 @dataclass
@@ -152,6 +220,17 @@ def reward_funcs_from_names(names: list[str] | None) -> list[str | Callable]:
                 "e.g. my_rewards.brightness."
             )
     return reward_funcs
+
+
+def pipeline_class_of(args: ModelArguments) -> type[DiffusionPipeline] | None:
+    """The diffusers class the pipeline's `model_index.json` names, read without loading the pipeline; None when that
+    file cannot be read (loading the pipeline will say why) or names a class diffusers does not have (a community
+    pipeline)."""
+    try:
+        config = DiffusionPipeline.load_config(args.pipeline_name_or_path, revision=args.pipeline_revision)
+    except OSError:
+        return None
+    return getattr(diffusers, config.get("_class_name", ""), None)
 
 
 def pipeline_dtype(dtype: str, device: torch.device) -> torch.dtype:
