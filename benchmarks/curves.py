@@ -286,6 +286,20 @@ def report(output_dir: str) -> None:
                     ratio = f"{together_mean / alone_mean:.2f}" if alone_mean > 0 else "-"
                     lines.append(f"| {variant} | {prompt} | {len(gains['alone'])} | {together_mean:+.3f} ± {together_ci:.3f} | "
                                  f"{alone_mean:+.3f} ± {alone_ci:.3f} | {ratio} |")
+    diagnostic = {}  # (variant, reward, steps) -> per seed, the mean gain_over_base of each quarter of the run
+    for run in runs:
+        logged = [entry["gain_over_base"] for entry in run["training_log"] if "gain_over_base" in entry]
+        if len(logged) >= 4:
+            quarters = [logged[len(logged) * q // 4:len(logged) * (q + 1) // 4] for q in range(4)]
+            diagnostic.setdefault((run["variant"], run["reward"], run["steps"]), []).append(
+                ([sum(values) / len(values) for values in quarters], run["training_log"][-1].get("policy/mu_rms", math.nan)))
+    if diagnostic:
+        lines += ["", "## The learning-signal diagnostic: mean `gain_over_base` in each quarter of training", "",
+                  "| variant | reward | steps | seeds | 1st quarter | 2nd | 3rd | 4th | final mu_rms |", "|---|---|---|---|---|---|---|---|---|"]
+        for (variant, reward, steps), values in sorted(diagnostic.items()):
+            cells = " | ".join("{:+.3f} ± {:.3f}".format(*t_interval([v[0][q] for v in values])) for q in range(4))
+            mu_rms = sum(v[1] for v in values) / len(values)
+            lines.append(f"| {variant} | {reward} | {steps} | {len(values)} | {cells} | {mu_rms:.2f} |")
     references_rows = read_rows(output_dir, "references")
     if references_rows:
         lines += ["", "## References (held-out prompts, judged; 95% intervals over images)", "",
