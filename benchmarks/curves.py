@@ -198,7 +198,9 @@ def references(args: CurvesArguments, pipe) -> None:
                 for _ in range(args.search_iterations):
                     noise = mu + torch.randn(args.search_population, 4, 8, 8, generator=generator)
                     scores = torch.tensor(reward(images=images([prompt] * len(noise), noise), prompts=[prompt] * len(noise)))
-                    elite = noise[scores >= scores.quantile(0.7)]
+                    # the best 30%; a 0/1 score ties at the threshold, so then the successes
+                    threshold = scores.quantile(0.7)
+                    elite = noise[scores > threshold] if (scores > threshold).any() else noise[scores >= threshold]
                     mu = mu + 0.3 * (elite.mean(dim=0) - mu)
                 fresh = torch.randn(256, 4, 8, 8, generator=generator)
                 base = torch.tensor(judge(images=images([prompt] * 256, fresh), prompts=[prompt] * 256))
@@ -283,23 +285,26 @@ def report(output_dir: str) -> None:
                 if gains["alone"] and gains["together"]:
                     together_mean, together_ci = t_interval(gains["together"])
                     alone_mean, alone_ci = t_interval(gains["alone"])
-                    ratio = f"{together_mean / alone_mean:.2f}" if alone_mean > 0 else "-"
+                    ratio = f"{together_mean / alone_mean:.2f}" if alone_mean >= 0.05 else "-"
                     lines.append(f"| {variant} | {prompt} | {len(gains['alone'])} | {together_mean:+.3f} ± {together_ci:.3f} | "
                                  f"{alone_mean:+.3f} ± {alone_ci:.3f} | {ratio} |")
-    diagnostic = {}  # (variant, reward, steps) -> per seed, the mean gain_over_base of each quarter of the run
+    diagnostic = {}  # (variant, reward, steps, queries) -> per seed: gain_over_base over the run, the judge at its end
     for run in runs:
         logged = [entry["gain_over_base"] for entry in run["training_log"] if "gain_over_base" in entry]
-        if len(logged) >= 4:
-            quarters = [logged[len(logged) * q // 4:len(logged) * (q + 1) // 4] for q in range(4)]
-            diagnostic.setdefault((run["variant"], run["reward"], run["steps"]), []).append(
-                ([sum(values) / len(values) for values in quarters], run["training_log"][-1].get("policy/mu_rms", math.nan)))
+        if len(logged) >= 2:
+            mean = sum(logged) / len(logged)
+            half_width = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in logged) / (len(logged) - 1) / len(logged))
+            last = run["evaluations"][-1]
+            diagnostic.setdefault((run["variant"], run["reward"], run["steps"], last["queries"]), []).append(
+                (run["seed"], mean, half_width, gain_of(last, "training"), run["training_log"][-1].get("policy/mu_rms", math.nan)))
     if diagnostic:
-        lines += ["", "## The learning-signal diagnostic: mean `gain_over_base` in each quarter of training", "",
-                  "| variant | reward | steps | seeds | 1st quarter | 2nd | 3rd | 4th | final mu_rms |", "|---|---|---|---|---|---|---|---|---|"]
-        for (variant, reward, steps), values in sorted(diagnostic.items()):
-            cells = " | ".join("{:+.3f} ± {:.3f}".format(*t_interval([v[0][q] for v in values])) for q in range(4))
-            mu_rms = sum(v[1] for v in values) / len(values)
-            lines.append(f"| {variant} | {reward} | {steps} | {len(values)} | {cells} | {mu_rms:.2f} |")
+        lines += ["", "## The learning-signal diagnostic: `gain_over_base` averaged over the run (95% interval over its "
+                  "logged values), beside the judged gain on training prompts at the run's end", "",
+                  "| variant | reward | steps | queries | per seed: gain_over_base / judged training gain / final mu_rms |",
+                  "|---|---|---|---|---|"]
+        for (variant, reward, steps, queries), values in sorted(diagnostic.items()):
+            cells = "; ".join(f"{mean:+.3f} ± {half:.3f} / {judged:+.3f} / {mu:.2f}" for _, mean, half, judged, mu in sorted(values))
+            lines.append(f"| {variant} | {reward} | {steps} | {queries:,} | {cells} |")
     references_rows = read_rows(output_dir, "references")
     if references_rows:
         lines += ["", "## References (held-out prompts, judged; 95% intervals over images)", "",
@@ -330,14 +335,14 @@ def plot(groups: dict, references_rows: list[dict], path: str) -> None:
         for row in references_rows:
             if row["reward"] == reward and row["steps"] == steps and row["method"] in ("best-of-4", "best-of-8"):
                 axis.axhline(row["held-out gain"]["mean"], linestyle="--", linewidth=0.8, color="grey")
-                axis.annotate(f"{row['method']} (held-out, {row['inference_cost']}x inference)",
-                              (axis.get_xlim()[0], row["held-out gain"]["mean"]), fontsize=6, color="grey")
+                axis.text(0.01, row["held-out gain"]["mean"], f"{row['method']} (held-out, {row['inference_cost']}x inference)",
+                          transform=axis.get_yaxis_transform(), fontsize=6, color="grey", va="bottom")
         axis.axhline(0, color="black", linewidth=0.6)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("reward queries")
         axis.set_title(f"trained on {reward}, {steps} step{'s' if steps > 1 else ''}", fontsize=9)
+        axis.legend(fontsize=6, loc="lower right")
     axes[0][0].set_ylabel("judged gain over the base model")
-    axes[0][0].legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
