@@ -48,7 +48,7 @@ setup(
     extras_require={
         "hps": ["ftfy"],  # the HPSv2 reward's prompt cleaning, as open_clip's
         "examples": ["matplotlib"],  # examples/quickstart.py's reward curve, and the benchmarks' plots
-        "test": ["pytest", "ftfy", "sentencepiece"],
+        "test": ["pytest", "ftfy", "sentencepiece", "matplotlib"],  # matplotlib: the quickstart runs in tests/test_examples.py
         "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings-python==2.0.11"],
     },
     entry_points={"console_scripts": ["trl-noise-ppo = trl_noise_ppo.cli:main"]},
