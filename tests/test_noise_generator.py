@@ -217,11 +217,17 @@ def test_bad_config_is_refused():
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], pooled_prompt_embeds_dim=8, architecture="token_attention"))
 
 
-def test_damaged_generator_folders_are_explained(tmp_path):
+def save_generator_with_edited_architecture(folder) -> NoiseGeneratorConfig:
+    """Saves a pooled_mlp generator whose config.json is then edited to name another architecture; returns its config."""
     config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=32, hidden_dim=64)
-    NoiseGenerator(config).save_pretrained(tmp_path / "edited")
-    saved = json.loads((tmp_path / "edited" / "config.json").read_text())
-    (tmp_path / "edited" / "config.json").write_text(json.dumps({**saved, "architecture": "token_attention"}))
+    NoiseGenerator(config).save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "architecture": "token_attention"}))
+    return config
+
+
+def test_damaged_generator_folders_are_explained(tmp_path):
+    config = save_generator_with_edited_architecture(tmp_path / "edited")
     with pytest.raises(ValueError, match="do not fit its config.json \\(architecture 'token_attention'\\).*Was config.json edited"):
         load_noise_generator(tmp_path / "edited")
 
@@ -267,10 +273,7 @@ def test_the_method_page_states_the_generators_measured_size():
 
 
 def test_the_public_loader_refuses_what_load_noise_generator_refuses(tmp_path):
-    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=32, hidden_dim=64)
-    NoiseGenerator(config).save_pretrained(tmp_path / "edited")
-    saved = json.loads((tmp_path / "edited" / "config.json").read_text())
-    (tmp_path / "edited" / "config.json").write_text(json.dumps({**saved, "architecture": "token_attention"}))
+    config = save_generator_with_edited_architecture(tmp_path / "edited")
     with pytest.raises(ValueError, match="do not fit its config.json \\(architecture 'token_attention'\\)"):
         NoiseGenerator.from_pretrained(tmp_path / "edited")
 
