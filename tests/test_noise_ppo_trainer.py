@@ -744,6 +744,26 @@ def test_gain_over_base_compares_each_prompts_first_image_with_the_base_pipeline
     assert (tuned - base).abs().max() > 1e-4
 
 
+def test_gain_over_base_leaves_out_a_base_image_no_reward_scored(tmp_path, monkeypatch):
+    def brightness_but_not_the_first_base_image(images, **kwargs):  # the base call makes one image per prompt: 2 here
+        scores = brightness(images, None)
+        return [None, *scores[1:]] if len(images) == 2 else scores
+
+    pipe = build_pipeline("sd")
+    trainer = _perturbed(NoisePPOTrainer(pipe, brightness_but_not_the_first_base_image, args=make_config(tmp_path),
+                                         train_dataset=PROMPTS), scale=3.0)
+    received = []
+    original_call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *args, **kwargs: received.append(kwargs["latents"]) or original_call(self, *args, **kwargs))
+    trainer._sample_and_score(TWO_PROMPTS)
+    policy_latents, base_latents = received
+    images = [original_call(pipe, prompt=["a blue square"], latents=latents, num_inference_steps=2, output_type="pt").images
+              for latents in (policy_latents[4:5], base_latents[1:2])]
+    tuned, base = (brightness(image, None)[0] for image in images)
+    # the second prompt's pair alone: an unscored base image counts as no score, not as a score of 0
+    assert trainer._metrics["gain_over_base"] == [pytest.approx(tuned - base, abs=1e-5)]
+
+
 def test_base_comparisons_come_every_base_comparison_every_generation_batches(tmp_path, monkeypatch):
     pipe = build_pipeline("sd")
     # 4 generation batches (2 optimiser steps each); the first and third compare

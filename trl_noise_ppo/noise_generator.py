@@ -90,7 +90,6 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         super().__init__(**kwargs)
 
 
-
 class NoiseDistribution(NamedTuple):
     r"""
     The policy over a pipeline's initial noise for a batch of prompts: independent Gaussians, one per noise element,

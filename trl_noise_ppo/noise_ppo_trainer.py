@@ -478,7 +478,8 @@ class NoisePPOTrainer(_BaseTrainer):
                 call = slice(start, start + images_per_call)
                 sample_start = time.perf_counter()
                 noise_for_pipeline = pipeline_noise(noise[call], generator.config)
-                images.append(self._sample_images(take_rows(sample_embeds, call), noise_for_pipeline, salt=2 + start))
+                images.append(self._sample_images(take_rows(sample_embeds, call), noise_for_pipeline,
+                                                  self._rollout_generator(salt=2 + start)))
                 sample_seconds += time.perf_counter() - sample_start
                 chunk_rewards.append(scorer.submit(score, concurrent, images[-1], call))
             images = torch.cat(images)
@@ -494,13 +495,7 @@ class NoisePPOTrainer(_BaseTrainer):
         # r = sum_i w_i r_i(image, prompt); a sample no function scored gets NaN and no advantage
         rewards_per_func = rewards_per_func.to(device)
         weights = self.reward_weights.to(device)
-        rewards = (rewards_per_func * weights).nansum(dim=1)
-        if not rewards.isfinite().all():  # each reward fits float32; weighted and summed they may not
-            raise ValueError(
-                f"The weighted sum of the rewards overflows float32 (reward_weights={weights.tolist()}, largest reward "
-                f"{rewards_per_func.nan_to_num().abs().max().item():.3g}). Scale the rewards or reward_weights down."
-            )
-        rewards[rewards_per_func.isnan().all(dim=1)] = torch.nan
+        rewards = _weighted_reward(rewards_per_func, weights)
         _warn_if_no_group_is_scored(rewards, k)
         log_images(self, images, prompts, rewards)
 
@@ -512,12 +507,12 @@ class NoisePPOTrainer(_BaseTrainer):
             # The learning-signal diagnostic: each prompt's first image against the base pipeline's from the same eps
             firsts, base_eps = slice(None, None, k), eps[::k]
             base_images = torch.cat([
-                self._sample_images(take_rows(embeds, call), base_eps[call], salt=-1 - call.start)
+                self._sample_images(take_rows(embeds, call), base_eps[call], self._rollout_generator(salt=-1 - call.start))
                 for call in (slice(start, start + images_per_call) for start in range(0, len(base_eps), images_per_call))
             ])
             base_rewards = call_reward_funcs(self.reward_funcs, images=base_images, prompts=prompts[firsts],
                                              trainer_state=self.state, **{name: values[firsts] for name, values in columns.items()})
-            base_rewards = (base_rewards.to(device) * weights).nansum(dim=1)
+            base_rewards = _weighted_reward(base_rewards.to(device), weights)
             self._metrics["gain_over_base"].append(self.accelerator.gather(rewards[firsts] - base_rewards).nanmean().item())
 
         all_rewards_per_func = self.accelerator.gather(rewards_per_func)
@@ -544,13 +539,13 @@ class NoisePPOTrainer(_BaseTrainer):
             rollout["old_log_prob"] = policy.log_prob(noise)
         return rollout
 
-    def _sample_images(self, embeds: dict, noise: torch.Tensor, salt: int) -> torch.Tensor:
-        """The frozen pipeline's images, in [0, 1], for one row of `embeds` per noise; stochastic schedulers draw from a
-        generator seeded by the step and `salt`."""
+    def _sample_images(self, embeds: dict, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The frozen pipeline's images, in [0, 1], for one row of `embeds` per noise; stochastic schedulers draw from
+        `generator`."""
         output = self.pipeline(
             **self._pipeline_kwargs(self.args, self.pipeline, embeds),
             latents=noise.to(self.noise_dtype),
-            generator=self._rollout_generator(salt=salt),
+            generator=generator,
         )
         # output[0]: the images, whatever the output calls them (Kandinsky 5: `image`)
         images = images_in_unit_range(self.pipeline, output[0].float())
@@ -667,13 +662,8 @@ class NoisePPOTrainer(_BaseTrainer):
             eps = torch.cat([self._evaluation_eps(index, k) for index in chunk]).to(device)
             noise = self._generator_noise(embeds, eps) if with_generator else eps
             _check_noise_is_finite(noise)
-            output = self.pipeline(
-                **self._pipeline_kwargs(self.args, self.pipeline, repeat_rows(embeds, k)),
-                latents=noise.to(self.noise_dtype),
-                generator=self._evaluation_generator(chunk[0]),  # the same scheduler noise for both pipelines
-            )
-            images = images_in_unit_range(self.pipeline, output[0].float())  # Kandinsky 5 names them `image`
-            _check_images_are_finite(images, self.pipeline)
+            # the same scheduler noise for the base pipeline and the generator's
+            images = self._sample_images(repeat_rows(embeds, k), noise, self._evaluation_generator(chunk[0]))
             rows = [example for example in examples for _ in range(k)]
             columns = {name: [row[name] for row in rows] for name in rows[0] if name != "prompt"}
             scores = call_reward_funcs(funcs, images=images, prompts=[row["prompt"] for row in rows],
@@ -971,6 +961,18 @@ def _checkpoint_problem(checkpoint: str, args: NoisePPOConfig, num_processes: in
         except Exception as error:  # torch.load's errors on a cut file are of many types
             return f"its {name} is damaged or incomplete ({' '.join(str(error).split())[:200]})"
     return None
+
+
+def _weighted_reward(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """r = sum_i w_i r_i over the functions that scored the image; NaN where none did."""
+    rewards = (rewards_per_func * weights).nansum(dim=1)
+    if not rewards.isfinite().all():  # each reward fits float32; weighted and summed they may not
+        raise ValueError(
+            f"The weighted sum of the rewards overflows float32 (reward_weights={weights.tolist()}, largest reward "
+            f"{rewards_per_func.nan_to_num().abs().max().item():.3g}). Scale the rewards or reward_weights down."
+        )
+    rewards[rewards_per_func.isnan().all(dim=1)] = torch.nan
+    return rewards
 
 
 def _warn_if_no_group_is_scored(rewards: torch.Tensor, num_generations: int) -> None:
