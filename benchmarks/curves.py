@@ -16,6 +16,11 @@ then `curves.md` / `curves.png` from every row found in `--output_dir`:
   reward calls per image) and per-prompt search (the cross-entropy method on the mean of N(mu, I), on each of 8
   held-out prompts on its own), judged on the same prompts.
 
+`--variant` trains with other settings (`VARIANTS`). `layout_oracle` is a ceiling, not a feature: the same learner
+with the generator reading each prompt's layout (its kind, where a single object is, how many a count has: 12
+classes) from its caption instead of its embeddings, so that what it gains is what a generator gains from knowing
+which prompts share a noise template.
+
     python -m benchmarks.curves --parts budget references --steps 1 2 --seeds 0 1 2 --output_dir outputs/curves
     python -m benchmarks.curves --parts prompt_counts --seeds 0 1 2 --output_dir outputs/curves
     python -m benchmarks.curves --parts budget --variant old_defaults --rewards shapes_judge --eval_at 6400 25600
@@ -35,14 +40,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from torch import nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from benchmarks.defaults import OLD_DEFAULTS  # noqa: E402
 from trl_noise_ppo import NoisePPOConfig, NoisePPOTrainer  # noqa: E402
 from trl_noise_ppo.evaluation import interval  # noqa: E402
+from trl_noise_ppo.noise_injection import prompt_conditioning  # noqa: E402
 from trl_noise_ppo.rewards import resolve_reward_funcs  # noqa: E402
 from trl_noise_ppo.shapes import RECOMMENDED_GUIDANCE_SCALES, balanced_prompts, load_shapes_pipeline  # noqa: E402
+from trl_noise_ppo.shapes.render import parse_caption  # noqa: E402
 
 
 # NoisePPOConfig overrides; "old_defaults" logs gain_over_base every batch, as the diagnostic's comparison needs
@@ -52,7 +60,40 @@ VARIANTS = {
     "learn_sigma": {"learn_sigma": True},
     "step_size=0.25": {"step_size": 0.25},
     "step_size=1": {"step_size": 1.0},
+    "beta=0.005": {"beta": 0.005},
+    "learning_rate=3e-4": {"learning_rate": 3e-4},
+    "learning_rate=3e-3": {"learning_rate": 3e-3},
+    "generator_hidden_dim=16": {"generator_hidden_dim": 16},
+    "generator_hidden_dim=4": {"generator_hidden_dim": 4},
+    "layout_oracle": {},
 }
+
+
+def layout_of(caption: str) -> str:
+    scene = parse_caption(caption)
+    return f"{scene.kind}, {scene.layout}" + (f", {len(scene.objects)}" if scene.kind == "count" else "")
+
+
+class LayoutOracleEncoder(nn.Module):
+    """Prompt -> grid through the generator's MLP on a one-hot of the prompt's layout, looked up from its caption: the
+    caption whose mean token embedding is nearest (the prompts are the shapes world's, known in advance)."""
+
+    def __init__(self, encoder: nn.Module, pipe, captions: list[str]):
+        super().__init__()
+        self.config = config = encoder.config
+        self.layouts = sorted({layout_of(caption) for caption in captions})
+        self.register_buffer("features", torch.cat([
+            prompt_conditioning(pipe, [{"prompt": caption} for caption in captions[start : start + 256]])["prompt_embeds"].float().mean(dim=1)
+            for start in range(0, len(captions), 256)
+        ]), persistent=False)
+        self.register_buffer("labels", torch.tensor([self.layouts.index(layout_of(caption)) for caption in captions]), persistent=False)
+        # the pooled MLP's, its LayerNorm and first layer replaced by one that reads the one-hot
+        self.mlp = nn.Sequential(nn.Linear(len(self.layouts), config.hidden_dim), *encoder.mlp[2:])
+
+    def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
+        nearest = torch.cdist(prompt_embeds.float().mean(dim=1), self.features).argmin(dim=1)
+        grid = self.mlp(nn.functional.one_hot(self.labels[nearest], len(self.layouts)).float())
+        return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
 
 
 @dataclass
@@ -105,6 +146,9 @@ def train_and_evaluate(pipe, reward: str, steps: int, seed: int, variant: str, t
         eval_dataset={name: Dataset.from_dict({"prompt": prompts}) for name, prompts in eval_sets.items()},
         judge_funcs=["shapes_judge"], callbacks=[EvaluateAtQueries(eval_at, generation_batch, config.num_iterations)],
     )
+    if variant == "layout_oracle":  # before train(), which builds the optimiser over the generator's parameters
+        captions = sorted(set(train_prompts).union(*eval_sets.values()))
+        trainer.model.grid_encoder = LayoutOracleEncoder(trainer.model.grid_encoder, pipe, captions)
     start = time.time()
     trainer.train()
     evaluations = {}  # each evaluation dataset logs an entry of its own

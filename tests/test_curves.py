@@ -1,0 +1,33 @@
+"""benchmarks.curves: the layout oracle, the ceiling its learning curves are read against."""
+
+import torch
+
+from benchmarks.curves import LayoutOracleEncoder, layout_of
+from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig
+from trl_noise_ppo.noise_injection import prompt_conditioning
+from trl_noise_ppo.shapes import balanced_prompts, held_out_prompts, load_shapes_pipeline, training_prompts
+
+
+def test_layout_of_names_twelve_layouts():
+    layouts = {layout_of(caption) for caption in training_prompts() + held_out_prompts()}
+    assert len(layouts) == 12
+    assert layout_of("a yellow square on the right") == "single, right"
+    assert layout_of("four yellow triangles") == "count, scattered, 4"
+    assert layout_of("a white square left of a blue circle left of a yellow triangle") == "row, left of"
+
+
+def test_layout_oracle_gives_a_grid_per_layout_from_the_prompt_embeddings():
+    pipe = load_shapes_pipeline()
+    captions = sorted(set(balanced_prompts("training", 64) + balanced_prompts("held-out", 64)))
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=pipe.text_encoder.config.hidden_size)
+    encoder = LayoutOracleEncoder(NoiseGenerator(config).grid_encoder, pipe, captions)
+    # shuffled and in another batch than the lookup table was computed in
+    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0)).tolist()
+    asked = [captions[i] for i in order]
+    embeds = prompt_conditioning(pipe, [{"prompt": caption} for caption in asked])["prompt_embeds"]
+    with torch.no_grad():
+        grids = encoder(embeds, None, None).flatten(1)
+    layouts = [layout_of(caption) for caption in asked]
+    for i in range(len(asked)):
+        for j in range(i + 1, len(asked)):
+            assert torch.equal(grids[i], grids[j]) == (layouts[i] == layouts[j]), (asked[i], asked[j])
