@@ -19,7 +19,7 @@ then `curves.md` / `curves.png` from every row found in `--output_dir`:
 `--variant` trains with other settings (`VARIANTS`). `layout_oracle` is a ceiling, not a feature: the same learner
 with the generator reading each prompt's layout (its kind, where a single object is, how many a count has: 12
 classes) from its caption instead of its embeddings, so that what it gains is what a generator gains from knowing
-which prompts share a noise template.
+which prompts share a noise template; `layout_oracle+embeddings` gives it the layout beside the prompt's embeddings.
 
     python -m benchmarks.curves --parts budget references --steps 1 2 --seeds 0 1 2 --output_dir outputs/curves
     python -m benchmarks.curves --parts prompt_counts --seeds 0 1 2 --output_dir outputs/curves
@@ -66,6 +66,7 @@ VARIANTS = {
     "generator_hidden_dim=16": {"generator_hidden_dim": 16},
     "generator_hidden_dim=4": {"generator_hidden_dim": 4},
     "layout_oracle": {},
+    "layout_oracle+embeddings": {},
 }
 
 
@@ -78,9 +79,11 @@ class LayoutOracleEncoder(nn.Module):
     """Prompt -> grid through the generator's MLP on a one-hot of the prompt's layout, looked up from its caption: the
     caption whose mean token embedding is nearest (the prompts are the shapes world's, known in advance)."""
 
-    def __init__(self, encoder: nn.Module, pipe, captions: list[str]):
+    def __init__(self, encoder: nn.Module, pipe, captions: list[str], with_embeddings: bool = False):
         super().__init__()
         self.config = config = encoder.config
+        # with_embeddings: the one-hot beside the pooled MLP's own (normalised) reading of the prompt
+        self.embeddings_norm = encoder.mlp[0] if with_embeddings else None
         self.layouts = sorted({layout_of(caption) for caption in captions})
         self.register_buffer("features", torch.cat([
             prompt_conditioning(pipe, [{"prompt": caption} for caption in captions[start : start + 256]])["prompt_embeds"].float().mean(dim=1)
@@ -88,11 +91,15 @@ class LayoutOracleEncoder(nn.Module):
         ]), persistent=False)
         self.register_buffer("labels", torch.tensor([self.layouts.index(layout_of(caption)) for caption in captions]), persistent=False)
         # the pooled MLP's, its LayerNorm and first layer replaced by one that reads the one-hot
-        self.mlp = nn.Sequential(nn.Linear(len(self.layouts), config.hidden_dim), *encoder.mlp[2:])
+        width = len(self.layouts) + (config.prompt_embeds_dim if with_embeddings else 0)
+        self.mlp = nn.Sequential(nn.Linear(width, config.hidden_dim), *encoder.mlp[2:])
 
     def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
-        nearest = torch.cdist(prompt_embeds.float().mean(dim=1), self.features).argmin(dim=1)
-        grid = self.mlp(nn.functional.one_hot(self.labels[nearest], len(self.layouts)).float())
+        mean_embeds = prompt_embeds.float().mean(dim=1)
+        features = nn.functional.one_hot(self.labels[torch.cdist(mean_embeds, self.features).argmin(dim=1)], len(self.layouts)).float()
+        if self.embeddings_norm is not None:
+            features = torch.cat([features, self.embeddings_norm(mean_embeds)], dim=-1)
+        grid = self.mlp(features)
         return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
 
 
@@ -146,9 +153,10 @@ def train_and_evaluate(pipe, reward: str, steps: int, seed: int, variant: str, t
         eval_dataset={name: Dataset.from_dict({"prompt": prompts}) for name, prompts in eval_sets.items()},
         judge_funcs=["shapes_judge"], callbacks=[EvaluateAtQueries(eval_at, generation_batch, config.num_iterations)],
     )
-    if variant == "layout_oracle":  # before train(), which builds the optimiser over the generator's parameters
+    if variant.startswith("layout_oracle"):  # before train(), which builds the optimiser over the generator's parameters
         captions = sorted(set(train_prompts).union(*eval_sets.values()))
-        trainer.model.grid_encoder = LayoutOracleEncoder(trainer.model.grid_encoder, pipe, captions)
+        trainer.model.grid_encoder = LayoutOracleEncoder(trainer.model.grid_encoder, pipe, captions,
+                                                         with_embeddings=variant == "layout_oracle+embeddings")
     start = time.time()
     trainer.train()
     evaluations = {}  # each evaluation dataset logs an entry of its own

@@ -31,3 +31,15 @@ def test_layout_oracle_gives_a_grid_per_layout_from_the_prompt_embeddings():
     for i in range(len(asked)):
         for j in range(i + 1, len(asked)):
             assert torch.equal(grids[i], grids[j]) == (layouts[i] == layouts[j]), (asked[i], asked[j])
+
+
+def test_layout_oracle_with_embeddings_also_reads_the_prompt():
+    pipe = load_shapes_pipeline()
+    captions = ["a yellow square on the right", "a blue circle on the right"]  # one layout, two prompts
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=pipe.text_encoder.config.hidden_size)
+    embeds = prompt_conditioning(pipe, [{"prompt": caption} for caption in captions])["prompt_embeds"]
+    with torch.no_grad():
+        layout_only = LayoutOracleEncoder(NoiseGenerator(config).grid_encoder, pipe, captions)(embeds, None, None)
+        with_embeddings = LayoutOracleEncoder(NoiseGenerator(config).grid_encoder, pipe, captions, with_embeddings=True)(embeds, None, None)
+    assert torch.equal(layout_only[0], layout_only[1])
+    assert not torch.allclose(with_embeddings[0], with_embeddings[1])
