@@ -65,9 +65,10 @@ VARIANTS = {
     "learning_rate=3e-3": {"learning_rate": 3e-3},
     "generator_hidden_dim=16": {"generator_hidden_dim": 16},
     "generator_hidden_dim=4": {"generator_hidden_dim": 4},
-    "layout_oracle": {},
-    "layout_oracle+embeddings": {},
 }
+# variants whose generator reads the prompt's layout (LayoutOracleEncoder), and whether it reads the embeddings besides
+LAYOUT_ORACLES = {"layout_oracle": False, "layout_oracle+embeddings": True}
+VARIANTS.update({name: {} for name in LAYOUT_ORACLES})
 
 
 def layout_of(caption: str) -> str:
@@ -153,10 +154,10 @@ def train_and_evaluate(pipe, reward: str, steps: int, seed: int, variant: str, t
         eval_dataset={name: Dataset.from_dict({"prompt": prompts}) for name, prompts in eval_sets.items()},
         judge_funcs=["shapes_judge"], callbacks=[EvaluateAtQueries(eval_at, generation_batch, config.num_iterations)],
     )
-    if variant.startswith("layout_oracle"):  # before train(), which builds the optimiser over the generator's parameters
+    if variant in LAYOUT_ORACLES:  # before train(), which builds the optimiser over the generator's parameters
         captions = sorted(set(train_prompts).union(*eval_sets.values()))
         trainer.model.grid_encoder = LayoutOracleEncoder(trainer.model.grid_encoder, pipe, captions,
-                                                         with_embeddings=variant == "layout_oracle+embeddings")
+                                                         with_embeddings=LAYOUT_ORACLES[variant])
     start = time.time()
     trainer.train()
     evaluations = {}  # each evaluation dataset logs an entry of its own
