@@ -19,7 +19,9 @@ then `curves.md` / `curves.png` from every row found in `--output_dir`:
 `--variant` trains with other settings (`VARIANTS`). `layout_oracle` is a ceiling, not a feature: the same learner
 with the generator reading each prompt's layout (its kind, where a single object is, how many a count has: 12
 classes) from its caption instead of its embeddings, so that what it gains is what a generator gains from knowing
-which prompts share a noise template; `layout_oracle+embeddings` gives it the layout beside the prompt's embeddings.
+which prompts share a noise template; `layout_oracle+embeddings` gives it the layout beside the prompt's embeddings,
+`layout_oracle+step_size=0.125` takes a quarter of the default natural step, `layout_oracle+beta=0` drops the pull to
+N(0, I).
 
     python -m benchmarks.curves --parts budget references --steps 1 2 --seeds 0 1 2 --output_dir outputs/curves
     python -m benchmarks.curves --parts prompt_counts --seeds 0 1 2 --output_dir outputs/curves
@@ -59,16 +61,25 @@ VARIANTS = {
     "old_defaults": {**OLD_DEFAULTS, "base_comparison_every": 1},
     "learn_sigma": {"learn_sigma": True},
     "step_size=0.25": {"step_size": 0.25},
+    "step_size=0.125": {"step_size": 0.125},
     "step_size=1": {"step_size": 1.0},
     "beta=0.005": {"beta": 0.005},
+    "learning_rate=1e-4": {"learning_rate": 1e-4},
     "learning_rate=3e-4": {"learning_rate": 3e-4},
     "learning_rate=3e-3": {"learning_rate": 3e-3},
     "generator_hidden_dim=16": {"generator_hidden_dim": 16},
     "generator_hidden_dim=4": {"generator_hidden_dim": 4},
+    "generator_architecture=token_attention": {"generator_architecture": "token_attention"},
 }
-# variants whose generator reads the prompt's layout (LayoutOracleEncoder), and whether it reads the embeddings besides
-LAYOUT_ORACLES = {"layout_oracle": False, "layout_oracle+embeddings": True}
-VARIANTS.update({name: {} for name in LAYOUT_ORACLES})
+# variants whose generator reads the prompt's layout (LayoutOracleEncoder): whether it reads the embeddings besides,
+# and their NoisePPOConfig overrides
+LAYOUT_ORACLES = {
+    "layout_oracle": (False, {}),
+    "layout_oracle+embeddings": (True, {}),
+    "layout_oracle+step_size=0.125": (False, {"step_size": 0.125}),
+    "layout_oracle+beta=0": (False, {"beta": 0.0}),
+}
+VARIANTS.update({name: overrides for name, (_, overrides) in LAYOUT_ORACLES.items()})
 
 
 def layout_of(caption: str) -> str:
@@ -157,7 +168,7 @@ def train_and_evaluate(pipe, reward: str, steps: int, seed: int, variant: str, t
     if variant in LAYOUT_ORACLES:  # before train(), which builds the optimiser over the generator's parameters
         captions = sorted(set(train_prompts).union(*eval_sets.values()))
         trainer.model.grid_encoder = LayoutOracleEncoder(trainer.model.grid_encoder, pipe, captions,
-                                                         with_embeddings=LAYOUT_ORACLES[variant])
+                                                         with_embeddings=LAYOUT_ORACLES[variant][0])
     start = time.time()
     trainer.train()
     evaluations = {}  # each evaluation dataset logs an entry of its own

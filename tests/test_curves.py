@@ -2,8 +2,8 @@
 
 import torch
 
-from benchmarks.curves import LayoutOracleEncoder, layout_of
-from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig
+from benchmarks.curves import LAYOUT_ORACLES, VARIANTS, LayoutOracleEncoder, layout_of
+from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_injection import prompt_conditioning
 from trl_noise_ppo.shapes import balanced_prompts, held_out_prompts, load_shapes_pipeline, training_prompts
 
@@ -43,3 +43,11 @@ def test_layout_oracle_with_embeddings_also_reads_the_prompt():
         with_embeddings = LayoutOracleEncoder(NoiseGenerator(config).grid_encoder, pipe, captions, with_embeddings=True)(embeds, None, None)
     assert torch.equal(layout_only[0], layout_only[1])
     assert not torch.allclose(with_embeddings[0], with_embeddings[1])
+
+
+def test_every_variant_sets_fields_of_the_config(tmp_path):
+    for name, overrides in VARIANTS.items():
+        config = NoisePPOConfig(output_dir=str(tmp_path), **overrides)  # an unknown field raises TypeError
+        assert all(getattr(config, field) == value for field, value in overrides.items()), name
+    assert VARIANTS["layout_oracle+beta=0"] == {"beta": 0.0}
+    assert all(VARIANTS[name] == overrides for name, (_, overrides) in LAYOUT_ORACLES.items())
