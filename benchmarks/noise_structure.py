@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import TrlParser
 
-from benchmarks.curves import layout_of
+from benchmarks.curves import interval_row, layout_of
 from trl_noise_ppo import NoiseDistribution
-from trl_noise_ppo.evaluation import interval
 from trl_noise_ppo.shapes import ShapesJudge, balanced_prompts, held_out_prompts, load_shapes_pipeline, training_prompts
 
 
@@ -174,8 +173,8 @@ def main(args: NoiseStructureArguments) -> None:
             for split, prompts in (("training", training_prompts((kind,))), ("held-out", held_out_prompts((kind,)))):
                 prompts = (prompts * (256 // len(prompts) + 1))[:256]
                 eps = torch.randn(256, *NOISE_SHAPE, generator=torch.Generator().manual_seed(7))
-                stats = interval((judged(prompts, mean + eps) - judged(prompts, eps)).tolist())
-                gains[split] = (stats["mean"], (stats["ci95"][1] - stats["ci95"][0]) / 2)
+                gain = interval_row(judged(prompts, mean + eps) - judged(prompts, eps))
+                gains[split] = (gain["mean"], gain["ci95"])
             results["kind_means"][kind] = gains
             lines.append(f"| {kind} | {gains['training'][0]:+.3f} ± {gains['training'][1]:.3f} | "
                          f"{gains['held-out'][0]:+.3f} ± {gains['held-out'][1]:.3f} |")
@@ -195,10 +194,9 @@ def main(args: NoiseStructureArguments) -> None:
             eps = torch.randn(len(prompts), *NOISE_SHAPE, generator=torch.Generator().manual_seed(7))
             means = torch.stack([layout_means[layout_of(prompt)] for prompt in prompts])
             base, tuned = judged(prompts, eps), judged(prompts, means + eps)
-            stats = interval((tuned - base).tolist())
-            half_width = (stats["ci95"][1] - stats["ci95"][0]) / 2
-            results["layout_means"][split] = {"base": base.mean().item(), "tuned": tuned.mean().item(), "gain": stats["mean"], "ci95": half_width}
-            lines.append(f"| {split} (512) | {base.mean():.3f} -> {tuned.mean():.3f} | {stats['mean']:+.3f} ± {half_width:.3f} |")
+            gain = interval_row(tuned - base)
+            results["layout_means"][split] = {"base": base.mean().item(), "tuned": tuned.mean().item(), "gain": gain["mean"], "ci95": gain["ci95"]}
+            lines.append(f"| {split} (512) | {base.mean():.3f} -> {tuned.mean():.3f} | {gain['mean']:+.3f} ± {gain['ci95']:.3f} |")
         results["layout_mean_rms"] = {layout: mean.pow(2).mean().sqrt().item() for layout, mean in layout_means.items()}
 
     with open(os.path.join(args.output_dir, "noise_structure.json"), "w") as f:
