@@ -21,9 +21,8 @@ with the generator reading each prompt's layout (its kind, where a single object
 classes) from its caption instead of its embeddings, so that what it gains is what a generator gains from knowing
 which prompts share a noise template; `layout_oracle+embeddings` gives it the layout beside the prompt's embeddings,
 `layout_oracle+step_size=0.125` takes a quarter of the default natural step, `layout_oracle+beta=0` drops the pull to
-N(0, I). `prompt_clusters=K` imposes sharing without labels: the generator reads a one-hot of the prompt's k-means
-cluster (K clusters of the training prompts' standardised token embeddings), so every prompt of a cluster gets one
-mean.
+N(0, I). `prompt_clusters` is the library's label-free way to impose sharing (`generator_architecture=
+"prompt_clusters"`: one grid per k-means cluster of the training prompts' embeddings).
 
     python -m benchmarks.curves --parts budget references --steps 1 2 --seeds 0 1 2 --output_dir outputs/curves
     python -m benchmarks.curves --parts prompt_counts --seeds 0 1 2 --output_dir outputs/curves
@@ -82,14 +81,12 @@ LAYOUT_ORACLES = {
     "layout_oracle+beta=0": (False, {"beta": 0.0}),
 }
 VARIANTS.update({name: overrides for name, (_, overrides) in LAYOUT_ORACLES.items()})
-# variants whose generator reads the prompt's k-means cluster (PromptClusterEncoder): the number of clusters, and
-# their NoisePPOConfig overrides
-PROMPT_CLUSTERS = {
-    "prompt_clusters=12": (12, {}),
-    "prompt_clusters=32": (32, {}),
-    "prompt_clusters=12+beta=0": (12, {"beta": 0.0}),
-}
-VARIANTS.update({name: overrides for name, (_, overrides) in PROMPT_CLUSTERS.items()})
+VARIANTS.update({
+    "prompt_clusters": {"generator_architecture": "prompt_clusters"},
+    "prompt_clusters+beta=0": {"generator_architecture": "prompt_clusters", "beta": 0.0},
+    "prompt_clusters=6+beta=0": {"generator_architecture": "prompt_clusters", "generator_num_clusters": 6, "beta": 0.0},
+    "prompt_clusters=24+beta=0": {"generator_architecture": "prompt_clusters", "generator_num_clusters": 24, "beta": 0.0},
+})
 
 
 def layout_of(caption: str) -> str:
@@ -122,41 +119,6 @@ class LayoutOracleEncoder(nn.Module):
         if self.embeddings_norm is not None:
             features = torch.cat([features, self.embeddings_norm(mean_embeds)], dim=-1)
         grid = self.mlp(features)
-        return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
-
-
-def kmeans(points: torch.Tensor, k: int, iterations: int = 50) -> torch.Tensor:
-    """`k` centroids of `points` by Lloyd's iterations from `k` of them drawn at random (seed 0)."""
-    centroids = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:k]].clone()
-    for _ in range(iterations):
-        assignment = torch.cdist(points, centroids).argmin(dim=1)
-        for cluster in range(k):
-            if (assignment == cluster).any():
-                centroids[cluster] = points[assignment == cluster].mean(dim=0)
-    return centroids
-
-
-class PromptClusterEncoder(nn.Module):
-    """Prompt -> grid through a linear map of a one-hot of the prompt's cluster: the nearest of `k` k-means centroids of
-    the training prompts' token embeddings (flattened, standardised). Label-free, unlike the layout oracle: a prompt
-    shares its mean with every prompt whose embeddings fall in its cluster, and with no other."""
-
-    def __init__(self, encoder: nn.Module, pipe, train_prompts: list[str], k: int):
-        super().__init__()
-        self.config = config = encoder.config
-        features = torch.cat([
-            prompt_conditioning(pipe, [{"prompt": prompt} for prompt in train_prompts[start : start + 256]])["prompt_embeds"].float().flatten(1)
-            for start in range(0, len(train_prompts), 256)
-        ])
-        self.register_buffer("shift", features.mean(dim=0), persistent=False)
-        self.register_buffer("scale", features.std(dim=0) + 1e-6, persistent=False)
-        self.register_buffer("centroids", kmeans((features - self.shift) / self.scale, k), persistent=False)
-        self.templates = nn.Linear(k, config.grid_channels * config.grid_size**2)
-
-    def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
-        features = (prompt_embeds.float().flatten(1) - self.shift) / self.scale
-        clusters = torch.cdist(features, self.centroids).argmin(dim=1)
-        grid = self.templates(nn.functional.one_hot(clusters, len(self.centroids)).float())
         return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
 
 
@@ -214,8 +176,6 @@ def train_and_evaluate(pipe, reward: str, steps: int, seed: int, variant: str, t
         captions = sorted(set(train_prompts).union(*eval_sets.values()))
         trainer.model.grid_encoder = LayoutOracleEncoder(trainer.model.grid_encoder, pipe, captions,
                                                          with_embeddings=LAYOUT_ORACLES[variant][0])
-    if variant in PROMPT_CLUSTERS:
-        trainer.model.grid_encoder = PromptClusterEncoder(trainer.model.grid_encoder, pipe, train_prompts, PROMPT_CLUSTERS[variant][0])
     start = time.time()
     trainer.train()
     evaluations = {}  # each evaluation dataset logs an entry of its own

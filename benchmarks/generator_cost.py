@@ -5,7 +5,7 @@ For Stable Diffusion 1.5 (noise 4 x 64 x 64 at 512 px, prompt embeddings 77 x 76
 from its published configuration (random weights, nothing downloaded), and times one generator forward pass and one
 UNet call (one denoising step without classifier-free guidance), batch 1, float32, on this machine. Run:
 
-    python -m benchmarks.generator_cost                 # both sizes, both architectures
+    python -m benchmarks.generator_cost                 # both sizes, every architecture
     python -m benchmarks.generator_cost --sizes sd15    # SD 1.5 only (the SDXL UNet needs about 11 GB of memory)
 """
 
@@ -102,6 +102,8 @@ def main(args: CostArguments):
                     pooled_prompt_embeds_dim=pooled_dim,
                 )
             ).eval()
+            if architecture == "prompt_clusters":  # centroids on stand-in prompts, as a trainer fits them on its own
+                generator.grid_encoder.fit(torch.randn(generator.config.num_clusters, token_dim + (pooled_dim or 0)))
             generator_seconds = median_seconds(lambda: generator(**prompt), args.repeats)
             print(
                 f"| {size} | 4x{resolution}x{resolution} | {architecture} | {generator.num_parameters() / 1e6:.2f}M | "

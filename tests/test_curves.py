@@ -2,15 +2,7 @@
 
 import torch
 
-from benchmarks.curves import (
-    LAYOUT_ORACLES,
-    PROMPT_CLUSTERS,
-    VARIANTS,
-    LayoutOracleEncoder,
-    PromptClusterEncoder,
-    kmeans,
-    layout_of,
-)
+from benchmarks.curves import LAYOUT_ORACLES, VARIANTS, LayoutOracleEncoder, layout_of
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_injection import prompt_conditioning
 from trl_noise_ppo.shapes import balanced_prompts, held_out_prompts, load_shapes_pipeline, training_prompts
@@ -53,37 +45,10 @@ def test_layout_oracle_with_embeddings_also_reads_the_prompt():
     assert not torch.allclose(with_embeddings[0], with_embeddings[1])
 
 
-def test_kmeans_finds_separated_clusters():
-    generator = torch.Generator().manual_seed(1)
-    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    points = (centres.repeat_interleave(20, dim=0) + 0.1 * torch.randn(60, 2, generator=generator))[torch.randperm(60, generator=generator)]
-    centroids = kmeans(points, 3)
-    assert torch.cdist(centres, centroids).min(dim=1).values.max() < 0.2
-
-
-def test_prompt_clusters_share_one_grid_per_cluster_and_read_unseen_prompts():
-    pipe = load_shapes_pipeline()
-    train = balanced_prompts("training", 64)
-    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=pipe.text_encoder.config.hidden_size)
-    encoder = PromptClusterEncoder(NoiseGenerator(config).grid_encoder, pipe, train, k=4)
-    asked = train + balanced_prompts("held-out", 16)
-    embeds = prompt_conditioning(pipe, [{"prompt": caption} for caption in asked])["prompt_embeds"]
-    with torch.no_grad():
-        grids = encoder(embeds, None, None).flatten(1)
-    distinct = torch.unique(grids, dim=0)
-    assert len(distinct) == 4  # every cluster is someone's, and prompts of one cluster share its grid
-    # a prompt's grid is its nearest centroid's: the training prompts nearest to one centroid share their grid
-    features = (embeds.float().flatten(1) - encoder.shift) / encoder.scale
-    clusters = torch.cdist(features, encoder.centroids).argmin(dim=1)
-    for i in range(len(asked)):
-        assert torch.equal(grids[i], grids[clusters == clusters[i]][0])
-
-
 def test_every_variant_sets_fields_of_the_config(tmp_path):
     for name, overrides in VARIANTS.items():
         config = NoisePPOConfig(output_dir=str(tmp_path), **overrides)  # an unknown field raises TypeError
         assert all(getattr(config, field) == value for field, value in overrides.items()), name
     assert VARIANTS["layout_oracle+beta=0"] == {"beta": 0.0}
     assert all(VARIANTS[name] == overrides for name, (_, overrides) in LAYOUT_ORACLES.items())
-    assert all(VARIANTS[name] == overrides for name, (_, overrides) in PROMPT_CLUSTERS.items())
-    assert VARIANTS["prompt_clusters=12+beta=0"] == {"beta": 0.0}
+    assert VARIANTS["prompt_clusters+beta=0"] == {"generator_architecture": "prompt_clusters", "beta": 0.0}

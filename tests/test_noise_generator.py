@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from trl_noise_ppo import NoiseDistribution, NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
-from trl_noise_ppo.noise_generator import load_noise_generator, pipeline_noise
+from trl_noise_ppo.noise_generator import load_noise_generator, pipeline_noise, pooled_features
 
 
-ARCHITECTURES = ["pooled_mlp", "token_attention"]
+ARCHITECTURES = ["pooled_mlp", "token_attention", "prompt_clusters"]
 
 
 def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True, architecture="pooled_mlp", token_grid=None,
@@ -24,12 +24,18 @@ def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True, arch
         base_pipeline="some/pipeline",
         pipeline_class="StableDiffusionXLPipeline",
         learn_sigma=learn_sigma,
+        num_clusters=3,
     )
-    return NoiseGenerator(config)
+    generator = NoiseGenerator(config)
+    if architecture == "prompt_clusters":  # one cluster for each of conditioning()'s three prompts
+        inputs = conditioning()
+        generator.grid_encoder.fit(pooled_features(config, inputs["prompt_embeds"], inputs["pooled_prompt_embeds"] if pooled else None, None))
+    return generator
 
 
 def conditioning(batch=3):
-    return {"prompt_embeds": torch.randn(batch, 7, 32), "pooled_prompt_embeds": torch.randn(batch, 16)}
+    generator = torch.Generator().manual_seed(0)
+    return {"prompt_embeds": torch.randn(batch, 7, 32, generator=generator), "pooled_prompt_embeds": torch.randn(batch, 16, generator=generator)}
 
 
 # ---- the policy: NoiseDistribution ----
@@ -291,3 +297,45 @@ def test_the_public_loader_refuses_what_load_noise_generator_refuses(tmp_path):
 def test_a_missing_generator_folder_is_named(path):
     with pytest.raises(FileNotFoundError, match=f"The noise generator {path} does not exist"):
         load_noise_generator(path)
+
+
+def test_kmeans_finds_separated_clusters():
+    from trl_noise_ppo.noise_generator import kmeans
+
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = centres.repeat_interleave(20, dim=0) + 0.1 * torch.randn(60, 2, generator=generator)
+    centroids = kmeans(points[torch.randperm(60, generator=generator)], 3)
+    assert torch.cdist(centres, centroids).min(dim=1).values.max() < 0.2
+
+
+def _clusters_generator(num_clusters=3):
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=8, architecture="prompt_clusters",
+                                  num_clusters=num_clusters, grid_size=4)
+    return NoiseGenerator(config)
+
+
+def test_prompt_clusters_refuse_to_run_before_they_are_fitted():
+    generator = _clusters_generator()
+    with pytest.raises(ValueError, match="no clusters yet: train it with NoisePPOTrainer"):
+        generator(prompt_embeds=torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="num_clusters=3 but was given 2 training prompts"):
+        generator.grid_encoder.fit(torch.randn(2, 8))
+
+
+def test_prompt_clusters_give_each_cluster_one_distribution_and_save_it(tmp_path):
+    generator = _clusters_generator()
+    torch.nn.init.normal_(generator.head.weight)  # an untrained head writes zeros for every prompt
+    # three groups of prompts whose mean token embeddings lie far apart
+    offsets = torch.tensor([0.0, 5.0, -5.0]).repeat_interleave(6)
+    prompt_embeds = torch.randn(18, 5, 8, generator=torch.Generator().manual_seed(0)) * 0.1 + offsets[:, None, None]
+    generator.grid_encoder.fit(prompt_embeds.mean(dim=1))
+    with torch.no_grad():
+        means = generator(prompt_embeds=prompt_embeds).mean.flatten(1)
+    groups = torch.unique(means, dim=0, return_inverse=True)[1]
+    assert len(torch.unique(means, dim=0)) == 3
+    assert all(len(set(groups[i : i + 6].tolist())) == 1 for i in (0, 6, 12))
+    generator.save_pretrained(tmp_path)
+    loaded = NoiseGenerator.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(prompt_embeds=prompt_embeds).mean.flatten(1), means)

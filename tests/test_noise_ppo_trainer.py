@@ -1114,3 +1114,29 @@ def test_a_reward_that_leaves_each_group_one_score_says_that_nothing_is_learned(
     with pytest.warns(UserWarning, match="No prompt of this generation batch has two or more scored images.*nothing is learned"):
         rollout = trainer._sample_and_score(batch)
     assert torch.equal(rollout["advantages"], torch.zeros(8))
+
+
+def test_a_prompt_clusters_generator_is_fitted_on_the_training_prompts_once(tmp_path):
+    pipe = build_pipeline("sd")
+    config = make_config(tmp_path, generator_architecture="prompt_clusters", generator_num_clusters=2, max_steps=2)
+    trainer = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=PROMPTS)
+    encoder = trainer.model.grid_encoder
+    assert bool(encoder.fitted)
+    # each of the two centroids is the mean of some of the four prompts' standardised features
+    features = trainer._prompt_features(pipe, PROMPTS, trainer.model.config, config)
+    standardised = (features - encoder.feature_shift.cpu()) / encoder.feature_scale.cpu()
+    assignment = torch.cdist(standardised, encoder.centroids.cpu()).argmin(dim=1)
+    for cluster in range(2):
+        torch.testing.assert_close(encoder.centroids[cluster].cpu(), standardised[assignment == cluster].mean(dim=0))
+    trainer.train()
+    fitted = encoder.centroids.clone()
+    # a trained generator keeps its clusters when given to a trainer on other prompts
+    other = Dataset.from_dict({"prompt": ["a white cat", "a black dog", "a grey bird", "a brown cow"]})
+    again = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=other, noise_generator=trainer.model)
+    assert torch.equal(again.model.grid_encoder.centroids, fitted)
+
+
+def test_more_prompt_clusters_than_training_prompts_is_refused(tmp_path):
+    config = make_config(tmp_path, generator_architecture="prompt_clusters", generator_num_clusters=5)
+    with pytest.raises(ValueError, match="num_clusters=5 but was given 4 training prompts"):
+        NoisePPOTrainer(build_pipeline("sd"), brightness, args=config, train_dataset=PROMPTS)

@@ -38,7 +38,13 @@ class NoiseGeneratorConfig(PreTrainedConfig):
             How the prompt becomes the coarse grid. `"pooled_mlp"`: an MLP reads the mean of the prompt's token
             embeddings (and the pooled embedding, where the pipeline has one) and writes the whole grid.
             `"token_attention"`: each grid cell is a learned query that attends over the prompt's token embeddings,
-            so each region of the noise can read different words. See the docs' architecture table for measurements.
+            so each region of the noise can read different words. `"prompt_clusters"`: the prompt's features (those
+            `"pooled_mlp"` reads) pick the nearest of `num_clusters` k-means centroids of the training prompts', and
+            each cluster has one learned grid, so that every prompt of a cluster shares one noise distribution (the
+            trainer fits the centroids on its training prompts before the first step). See the docs' architecture
+            table for measurements.
+        num_clusters (`int`, *optional*, defaults to `12`):
+            For `"prompt_clusters"` only: how many clusters of prompts share a grid.
         hidden_dim (`int`, *optional*, defaults to `256`):
             Width of the MLP, or of the attention, that reads the prompt.
         grid_size (`int`, *optional*, defaults to `8`):
@@ -67,6 +73,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         base_pipeline: str | None = None,
         pipeline_class: str | None = None,
         architecture: str = "pooled_mlp",
+        num_clusters: int = 12,
         hidden_dim: int = 256,
         grid_size: int = 8,
         grid_channels: int = 64,
@@ -82,6 +89,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self.base_pipeline = base_pipeline
         self.pipeline_class = pipeline_class
         self.architecture = architecture
+        self.num_clusters = num_clusters
         self.hidden_dim = hidden_dim
         self.grid_size = grid_size
         self.grid_channels = grid_channels
@@ -157,33 +165,106 @@ class NoiseDistribution(NamedTuple):
         return NoiseDistribution(*(value.repeat_interleave(repeats, dim=0) for value in self))
 
 
+def pooled_features(config: NoiseGeneratorConfig, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask) -> torch.Tensor:
+    """The mean of the prompt's token embeddings over its real tokens, beside its pooled embedding where the pipeline
+    has one: `(batch, prompt_embeds_dim + pooled_prompt_embeds_dim)`."""
+    features = []
+    if config.prompt_embeds_dim is not None:
+        if prompt_attention_mask is None:
+            features.append(prompt_embeds.float().mean(dim=1))
+        else:
+            weights = prompt_attention_mask.to(torch.float32).unsqueeze(-1)
+            features.append((prompt_embeds.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1))
+    if config.pooled_prompt_embeds_dim is not None:
+        features.append(pooled_prompt_embeds.float())
+    return torch.cat(features, dim=-1)
+
+
+def conditioning_dim(config: NoiseGeneratorConfig) -> int:
+    dim = (config.prompt_embeds_dim or 0) + (config.pooled_prompt_embeds_dim or 0)
+    if dim == 0:
+        raise ValueError("NoiseGeneratorConfig needs prompt_embeds_dim or pooled_prompt_embeds_dim to be set.")
+    return dim
+
+
 class PooledMLPGridEncoder(nn.Module):
     """Prompt -> grid through an MLP on the mean token embedding (and the pooled embedding)."""
 
     def __init__(self, config: NoiseGeneratorConfig):
         super().__init__()
         self.config = config
-        conditioning_dim = (config.prompt_embeds_dim or 0) + (config.pooled_prompt_embeds_dim or 0)
-        if conditioning_dim == 0:
-            raise ValueError("NoiseGeneratorConfig needs prompt_embeds_dim or pooled_prompt_embeds_dim to be set.")
         self.mlp = nn.Sequential(
-            nn.LayerNorm(conditioning_dim),
-            nn.Linear(conditioning_dim, config.hidden_dim),
+            nn.LayerNorm(conditioning_dim(config)),
+            nn.Linear(conditioning_dim(config), config.hidden_dim),
             nn.SiLU(),
             nn.Linear(config.hidden_dim, config.grid_channels * config.grid_size**2),
         )
 
     def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
-        features = []
-        if self.config.prompt_embeds_dim is not None:
-            if prompt_attention_mask is None:
-                features.append(prompt_embeds.float().mean(dim=1))
-            else:
-                weights = prompt_attention_mask.to(torch.float32).unsqueeze(-1)
-                features.append((prompt_embeds.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1))
-        if self.config.pooled_prompt_embeds_dim is not None:
-            features.append(pooled_prompt_embeds.float())
-        grid = self.mlp(torch.cat(features, dim=-1))
+        grid = self.mlp(pooled_features(self.config, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask))
+        return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int = 50) -> torch.Tensor:
+    """`k` centroids of `points` by Lloyd's iterations from a k-means++ start (each next start drawn with probability
+    proportional to its squared distance from the nearest start), seeded, so that the same points give the same
+    centroids in every process."""
+    generator = torch.Generator().manual_seed(0)
+    points = points.float().cpu()
+    centroids = points[torch.randint(len(points), (1,), generator=generator)]
+    for _ in range(1, k):
+        distances = torch.cdist(points, centroids).min(dim=1).values ** 2
+        weights = distances if distances.sum() > 0 else torch.ones_like(distances)
+        centroids = torch.cat([centroids, points[torch.multinomial(weights, 1, generator=generator)]])
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centroids).argmin(dim=1)
+        for cluster in range(k):
+            if (assignment == cluster).any():
+                centroids[cluster] = points[assignment == cluster].mean(dim=0)
+    return centroids
+
+
+class PromptClustersGridEncoder(nn.Module):
+    """Prompt -> grid by the prompt's cluster: the nearest of `num_clusters` k-means centroids of the training
+    prompts' standardised features, each cluster with one learned grid. A network that reads the embeddings fits
+    each prompt's own noisy step; clusters make prompts that read alike share theirs (docs/benchmarks.md)."""
+
+    def __init__(self, config: NoiseGeneratorConfig):
+        super().__init__()
+        self.config = config
+        dim = conditioning_dim(config)
+        # buffers, so that the clusters save, load and push with the weights
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("feature_shift", torch.zeros(dim))
+        self.register_buffer("feature_scale", torch.ones(dim))
+        self.register_buffer("centroids", torch.zeros(config.num_clusters, dim))
+        self.templates = nn.Linear(config.num_clusters, config.grid_channels * config.grid_size**2)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> None:
+        """Fits the centroids on the training prompts' features (`pooled_features`, one row per prompt)."""
+        if len(features) < self.config.num_clusters:
+            raise ValueError(
+                f"The prompt_clusters generator has num_clusters={self.config.num_clusters} but was given "
+                f"{len(features)} training prompts to fit them on: give more prompts or fewer clusters "
+                "(generator_num_clusters)."
+            )
+        features = features.float().to(self.centroids.device)
+        self.feature_shift.copy_(features.mean(dim=0))
+        self.feature_scale.copy_(features.std(dim=0).nan_to_num(0.0) + 1e-6)
+        self.centroids.copy_(kmeans((features - self.feature_shift) / self.feature_scale, self.config.num_clusters))
+        self.fitted.fill_(True)
+
+    def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
+        if not self.fitted:
+            raise ValueError(
+                "This prompt_clusters generator has no clusters yet: train it with NoisePPOTrainer, which fits them on "
+                "its training prompts, or call generator.grid_encoder.fit(features) first."
+            )
+        features = pooled_features(self.config, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
+        features = (features - self.feature_shift.float()) / self.feature_scale.float()
+        clusters = torch.cdist(features, self.centroids.float()).argmin(dim=1)
+        grid = self.templates(nn.functional.one_hot(clusters, self.config.num_clusters).to(self.templates.weight.dtype))
         return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
 
 
@@ -228,7 +309,11 @@ class TokenAttentionGridEncoder(nn.Module):
         return cells.transpose(1, 2).reshape(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
 
 
-GRID_ENCODERS = {"pooled_mlp": PooledMLPGridEncoder, "token_attention": TokenAttentionGridEncoder}
+GRID_ENCODERS = {
+    "pooled_mlp": PooledMLPGridEncoder,
+    "token_attention": TokenAttentionGridEncoder,
+    "prompt_clusters": PromptClustersGridEncoder,
+}
 
 
 class NoiseGenerator(PreTrainedModel):

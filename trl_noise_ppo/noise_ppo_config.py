@@ -114,6 +114,14 @@ class NoisePPOConfig(_BaseConfig):
             elements) before the pipeline gets it, so that the frozen model sees noise of the norm it was trained on.
             Ignored when a trained generator is given (its config decides). Off by default: on the shapes-world
             benchmark its judged gain over three seeds was level with the default's (docs/benchmarks.md).
+        generator_architecture (`str`, *optional*, defaults to `"pooled_mlp"`):
+            How a new generator reads the prompt (`NoiseGeneratorConfig.architecture`): `"pooled_mlp"`, an MLP on the
+            mean token embedding; `"token_attention"`, attention over the tokens; `"prompt_clusters"`, one learned
+            grid per k-means cluster of the training prompts, fitted on `train_dataset` before the first step, so
+            that prompts that read alike share one noise distribution. Ignored when a trained generator is given.
+        generator_num_clusters (`int`, *optional*, defaults to `12`):
+            For `generator_architecture="prompt_clusters"`: the number of clusters. At most the number of training
+            prompts.
         generator_hidden_dim (`int`, *optional*, defaults to `256`):
             Width of the MLP of a new generator that reads the prompt embedding.
         generator_grid_size (`int`, *optional*, defaults to `8`):
@@ -225,7 +233,10 @@ class NoisePPOConfig(_BaseConfig):
     )
     generator_architecture: str = field(
         default="pooled_mlp",
-        metadata={"help": "How a new generator reads the prompt.", "choices": ["pooled_mlp", "token_attention"]},
+        metadata={"help": "How a new generator reads the prompt.", "choices": ["pooled_mlp", "token_attention", "prompt_clusters"]},
+    )
+    generator_num_clusters: int = field(
+        default=12, metadata={"help": "Clusters of training prompts of a new prompt_clusters generator."}
     )
     generator_hidden_dim: int = field(default=256, metadata={"help": "Width of a new generator's prompt reader."})
     generator_grid_size: int = field(default=8, metadata={"help": "Side of a new generator's coarse grid."})
@@ -310,8 +321,8 @@ class NoisePPOConfig(_BaseConfig):
                 f"sample_batch_size ({self.sample_batch_size}) must be a multiple of num_generations "
                 f"({self.num_generations}): each pipeline call samples whole prompt groups."
             )
-        for name in ("num_inference_steps", "num_iterations", "steps_per_generation", "generator_hidden_dim",
-                     "generator_grid_size", "generator_grid_channels"):
+        for name in ("num_inference_steps", "num_iterations", "steps_per_generation", "generator_num_clusters",
+                     "generator_hidden_dim", "generator_grid_size", "generator_grid_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("height", "width", "sample_batch_size", "num_generations_eval"):

@@ -37,7 +37,7 @@ from trl.trainer.utils import RepeatSampler, get_callable_name, get_comet_experi
 from . import __version__
 from .evaluation import evaluation_metrics, paired_result, results_from_metrics, results_table, with_card_section
 from .image_logging import log_images
-from .noise_generator import NoiseGenerator, load_noise_generator, pipeline_noise
+from .noise_generator import NoiseGenerator, PromptClustersGridEncoder, load_noise_generator, pipeline_noise, pooled_features
 from .noise_injection import (
     call_parameters,
     check_generator_fits,
@@ -62,6 +62,8 @@ EVALUATION_SALT = 1_000_003
 # A checkpoint, or the saved model, is written into this folder of the output folder, then moved into place when
 # complete; a save killed midway leaves only this folder, which the next save removes
 STAGING_DIR = "tmp-save"
+# A prompt_clusters generator's k-means reads at most this many training prompts
+CLUSTER_FIT_PROMPTS = 4096
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float) -> torch.Tensor:
@@ -332,6 +334,7 @@ class NoisePPOTrainer(_BaseTrainer):
                     noise_spec,
                     example_embeds,
                     architecture=args.generator_architecture,
+                    num_clusters=args.generator_num_clusters,
                     hidden_dim=args.generator_hidden_dim,
                     grid_size=args.generator_grid_size,
                     grid_channels=args.generator_grid_channels,
@@ -340,6 +343,9 @@ class NoisePPOTrainer(_BaseTrainer):
                 )
             )
         check_generator_fits(noise_generator.config, noise_spec, example_embeds, pipeline)
+        grid_encoder = getattr(noise_generator, "grid_encoder", None)
+        if isinstance(grid_encoder, PromptClustersGridEncoder) and not grid_encoder.fitted:
+            grid_encoder.fit(self._prompt_features(pipeline, train_dataset, noise_generator.config, args))
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -672,6 +678,20 @@ class NoisePPOTrainer(_BaseTrainer):
         if self.accelerator.num_processes > 1:
             scored = gather_object(scored)
         return torch.cat([scores for _, scores in sorted(scored, key=lambda item: item[0])])
+
+    @staticmethod
+    @torch.no_grad()
+    def _prompt_features(pipeline, train_dataset, config, args) -> torch.Tensor:
+        """What a prompt_clusters generator reads of each training prompt, from at most `CLUSTER_FIT_PROMPTS` rows
+        spread evenly over the dataset."""
+        rows = list(range(0, len(train_dataset), math.ceil(len(train_dataset) / CLUSTER_FIT_PROMPTS)))
+        features = []
+        for start in range(0, len(rows), 64):
+            examples = [train_dataset[i] for i in rows[start : start + 64]]
+            inputs = generator_inputs(prompt_conditioning(pipeline, examples, **args.pipeline_kwargs))
+            features.append(pooled_features(config, inputs["prompt_embeds"], inputs["pooled_prompt_embeds"],
+                                            inputs["prompt_attention_mask"]).cpu())
+        return torch.cat(features)
 
     def _generator_noise(self, embeds: dict, eps: torch.Tensor) -> torch.Tensor:
         """The noise the pipeline gets from the current generator for the unit noise `eps` (`len(eps) // len(prompts)`
