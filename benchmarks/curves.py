@@ -84,6 +84,7 @@ VARIANTS.update({name: overrides for name, (_, overrides) in LAYOUT_ORACLES.item
 VARIANTS.update({
     "prompt_clusters": {"generator_architecture": "prompt_clusters"},
     "prompt_clusters+beta=0": {"generator_architecture": "prompt_clusters", "beta": 0.0},
+    "prompt_clusters+beta=0.005": {"generator_architecture": "prompt_clusters", "beta": 0.005},
     "prompt_clusters=6+beta=0": {"generator_architecture": "prompt_clusters", "generator_num_clusters": 6, "beta": 0.0},
     "prompt_clusters=24+beta=0": {"generator_architecture": "prompt_clusters", "generator_num_clusters": 24, "beta": 0.0},
 })
