@@ -81,12 +81,13 @@ LAYOUT_ORACLES = {
     "layout_oracle+beta=0": (False, {"beta": 0.0}),
 }
 VARIANTS.update({name: overrides for name, (_, overrides) in LAYOUT_ORACLES.items()})
+PROMPT_CLUSTERS = {"generator_architecture": "prompt_clusters"}
 VARIANTS.update({
-    "prompt_clusters": {"generator_architecture": "prompt_clusters"},
-    "prompt_clusters+beta=0": {"generator_architecture": "prompt_clusters", "beta": 0.0},
-    "prompt_clusters+beta=0.005": {"generator_architecture": "prompt_clusters", "beta": 0.005},
-    "prompt_clusters=6+beta=0": {"generator_architecture": "prompt_clusters", "generator_num_clusters": 6, "beta": 0.0},
-    "prompt_clusters=24+beta=0": {"generator_architecture": "prompt_clusters", "generator_num_clusters": 24, "beta": 0.0},
+    "prompt_clusters": PROMPT_CLUSTERS,
+    "prompt_clusters+beta=0": {**PROMPT_CLUSTERS, "beta": 0.0},
+    "prompt_clusters+beta=0.005": {**PROMPT_CLUSTERS, "beta": 0.005},
+    "prompt_clusters=6+beta=0": {**PROMPT_CLUSTERS, "generator_num_clusters": 6, "beta": 0.0},
+    "prompt_clusters=24+beta=0": {**PROMPT_CLUSTERS, "generator_num_clusters": 24, "beta": 0.0},
 })
 
 

@@ -193,9 +193,10 @@ class PooledMLPGridEncoder(nn.Module):
     def __init__(self, config: NoiseGeneratorConfig):
         super().__init__()
         self.config = config
+        dim = conditioning_dim(config)
         self.mlp = nn.Sequential(
-            nn.LayerNorm(conditioning_dim(config)),
-            nn.Linear(conditioning_dim(config), config.hidden_dim),
+            nn.LayerNorm(dim),
+            nn.Linear(dim, config.hidden_dim),
             nn.SiLU(),
             nn.Linear(config.hidden_dim, config.grid_channels * config.grid_size**2),
         )

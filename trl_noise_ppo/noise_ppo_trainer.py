@@ -689,8 +689,7 @@ class NoisePPOTrainer(_BaseTrainer):
         for start in range(0, len(rows), 64):
             examples = [train_dataset[i] for i in rows[start : start + 64]]
             inputs = generator_inputs(prompt_conditioning(pipeline, examples, **args.pipeline_kwargs))
-            features.append(pooled_features(config, inputs["prompt_embeds"], inputs["pooled_prompt_embeds"],
-                                            inputs["prompt_attention_mask"]).cpu())
+            features.append(pooled_features(config, **inputs).cpu())
         return torch.cat(features)
 
     def _generator_noise(self, embeds: dict, eps: torch.Tensor) -> torch.Tensor:
