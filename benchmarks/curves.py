@@ -88,6 +88,10 @@ VARIANTS.update({
     "prompt_clusters+beta=0.005": {**PROMPT_CLUSTERS, "beta": 0.005},
     "prompt_clusters=6+beta=0": {**PROMPT_CLUSTERS, "generator_num_clusters": 6, "beta": 0.0},
     "prompt_clusters=24+beta=0": {**PROMPT_CLUSTERS, "generator_num_clusters": 24, "beta": 0.0},
+    "prompt_clusters=4+beta=0": {**PROMPT_CLUSTERS, "generator_num_clusters": 4, "beta": 0.0},
+    "prompt_clusters+beta=0+learning_rate=3e-3": {**PROMPT_CLUSTERS, "beta": 0.0, "learning_rate": 3e-3},
+    "prompt_clusters+beta=0+learning_rate=3e-4": {**PROMPT_CLUSTERS, "beta": 0.0, "learning_rate": 3e-4},
+    "prompt_clusters+beta=0+learn_sigma": {**PROMPT_CLUSTERS, "beta": 0.0, "learn_sigma": True},
 })
 
 

@@ -163,8 +163,8 @@ def test_accelerate_configs_load(path):
 
 
 def test_quickstart_runs_and_prints_its_judged_gain(tmp_path, capsys):
-    """The README's quickstart, shortened to two generation batches: it writes what its docstring lists and prints the
-    diagnostic and the held-out judge's and reward's gains."""
+    """The README's quickstart, shortened to eight generation batches: it writes what its docstring lists, a generator
+    with its clusters of the training captions, and prints the diagnostic and the held-out judge's and reward's gains."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("quickstart", EXAMPLES / "quickstart.py")
@@ -175,4 +175,6 @@ def test_quickstart_runs_and_prints_its_judged_gain(tmp_path, capsys):
     assert "learning signal: gain_over_base" in printed
     assert "judge (share of images right):" in printed and "reward (optimised):" in printed
     assert {"before_after.png", "reward_curve.png"} <= {path.name for path in tmp_path.iterdir()}
-    assert NoiseGenerator.from_pretrained(tmp_path / "generator").config.noise_shape == [4, 8, 8]
+    generator = NoiseGenerator.from_pretrained(tmp_path / "generator")
+    assert generator.config.noise_shape == [4, 8, 8]
+    assert generator.config.architecture == "prompt_clusters" and generator.grid_encoder.fitted
