@@ -479,6 +479,7 @@ TWO_PROMPTS = [{"prompt": p} for p in ["a red circle"] * 4 + ["a blue square"] *
         (dict(height=-8), "height must be at least 1"),
         (dict(sample_batch_size=-4), "sample_batch_size must be at least 1"),
         (dict(max_steps=0), "max_steps=0 would train nothing"),
+        (dict(generator_architecture="pooled-mlp"), r"generator_architecture must be one of \['pooled_mlp', 'prompt_clusters', 'token_attention'\], got 'pooled-mlp'"),
     ],
 )
 def test_config_refuses_non_finite_and_out_of_range_values(tmp_path, overrides, message):

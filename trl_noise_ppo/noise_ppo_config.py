@@ -7,6 +7,8 @@ import torch
 
 from trl.trainer.base_config import _BaseConfig
 
+from .noise_generator import GRID_ENCODERS
+
 
 # Pipeline call arguments the trainer decides: the noise, its seed, the prompt's conditioning, the batch and the output.
 PIPELINE_ARGUMENTS_SET_BY_TRAINER = frozenset(
@@ -333,6 +335,10 @@ class NoisePPOConfig(_BaseConfig):
         # `not x > 0` and not `x <= 0`, so that NaN fails too
         if self.base_comparison_every < 0:
             raise ValueError(f"base_comparison_every must be 0 (never) or positive, got {self.base_comparison_every}.")
+        if self.generator_architecture not in GRID_ENCODERS:
+            raise ValueError(
+                f"generator_architecture must be one of {sorted(GRID_ENCODERS)}, got {self.generator_architecture!r}."
+            )
         if self.loss_type not in ("natural_step", "ppo_clip"):
             raise ValueError(f"loss_type must be 'natural_step' or 'ppo_clip', got {self.loss_type!r}.")
         if not (0 < self.step_size < math.inf and 0 <= self.std_step_size < math.inf):
