@@ -235,7 +235,7 @@ class NoisePPOConfig(_BaseConfig):
     )
     generator_architecture: str = field(
         default="pooled_mlp",
-        metadata={"help": "How a new generator reads the prompt.", "choices": ["pooled_mlp", "token_attention", "prompt_clusters"]},
+        metadata={"help": "How a new generator reads the prompt.", "choices": list(GRID_ENCODERS)},
     )
     generator_num_clusters: int = field(
         default=12, metadata={"help": "Clusters of training prompts of a new prompt_clusters generator."}
