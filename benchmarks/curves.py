@@ -71,6 +71,7 @@ VARIANTS = {
     "generator_hidden_dim=16": {"generator_hidden_dim": 16},
     "generator_hidden_dim=4": {"generator_hidden_dim": 4},
     "generator_architecture=token_attention": {"generator_architecture": "token_attention"},
+    "beta=0+project_to_shell": {"beta": 0.0, "project_to_shell": True},
 }
 # variants whose generator reads the prompt's layout (LayoutOracleEncoder): whether it reads the embeddings besides,
 # and their NoisePPOConfig overrides
@@ -92,6 +93,9 @@ VARIANTS.update({
     "prompt_clusters+beta=0+learning_rate=3e-3": {**PROMPT_CLUSTERS, "beta": 0.0, "learning_rate": 3e-3},
     "prompt_clusters+beta=0+learning_rate=3e-4": {**PROMPT_CLUSTERS, "beta": 0.0, "learning_rate": 3e-4},
     "prompt_clusters+beta=0+learn_sigma": {**PROMPT_CLUSTERS, "beta": 0.0, "learn_sigma": True},
+    "prompt_clusters+beta=0+generator_grid_size=4": {**PROMPT_CLUSTERS, "beta": 0.0, "generator_grid_size": 4},
+    "prompt_clusters+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.0, "project_to_shell": True},
+    "prompt_clusters+project_to_shell": {**PROMPT_CLUSTERS, "project_to_shell": True},
 })
 
 
@@ -211,7 +215,8 @@ def budget(args: CurvesArguments, pipe) -> None:
         for reward in args.rewards:
             for seed in args.seeds:
                 run_dir = os.path.join(args.output_dir, f"budget-{args.variant}-{reward}-{steps}-steps-seed-{seed}")
-                _, result = train_and_evaluate(pipe, reward, steps, seed, args.variant, train_prompts, sets, args.eval_at, run_dir)
+                trainer, result = train_and_evaluate(pipe, reward, steps, seed, args.variant, train_prompts, sets, args.eval_at, run_dir)
+                trainer.save_model(run_dir)  # for benchmarks.diversity
                 append_row(args.output_dir, "budget", {"variant": args.variant, "reward": reward, "steps": steps, "seed": seed, **result})
 
 
