@@ -96,6 +96,9 @@ VARIANTS.update({
     "prompt_clusters+beta=0+generator_grid_size=4": {**PROMPT_CLUSTERS, "beta": 0.0, "generator_grid_size": 4},
     "prompt_clusters+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.0, "project_to_shell": True},
     "prompt_clusters+project_to_shell": {**PROMPT_CLUSTERS, "project_to_shell": True},
+    "prompt_clusters+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.005, "project_to_shell": True},
+    "prompt_clusters=1+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.0,
+                                                  "project_to_shell": True},
 })
 
 

@@ -323,6 +323,18 @@ def test_prompt_clusters_refuse_to_run_before_they_are_fitted():
         generator.grid_encoder.fit(torch.randn(2, 8))
 
 
+def test_one_prompt_cluster_gives_every_prompt_the_same_distribution():
+    # generator_num_clusters=1 is the benchmarks' prompt-independent control
+    generator = _clusters_generator(num_clusters=1)
+    torch.nn.init.normal_(generator.head.weight)
+    prompt_embeds = torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(0)) * 3
+    generator.grid_encoder.fit(prompt_embeds.mean(dim=1))
+    with torch.no_grad():
+        means = generator(prompt_embeds=prompt_embeds).mean.flatten(1)
+    assert means.abs().sum() > 0
+    assert torch.equal(means, means[:1].expand_as(means))
+
+
 def test_prompt_clusters_give_each_cluster_one_distribution_and_save_it(tmp_path):
     generator = _clusters_generator()
     torch.nn.init.normal_(generator.head.weight)  # an untrained head writes zeros for every prompt
