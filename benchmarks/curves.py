@@ -102,13 +102,6 @@ VARIANTS.update({
     "prompt_clusters=1+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.005,
                                                       "project_to_shell": True},
 })
-READS_EPS = {"generator_reads_eps": True, "project_to_shell": True}
-VARIANTS.update({
-    "reads_eps+beta=0+project_to_shell": {**READS_EPS, "beta": 0.0},
-    "reads_eps+project_to_shell": READS_EPS,
-    "reads_eps+beta=0+project_to_shell+exploration_std=1": {**READS_EPS, "beta": 0.0, "exploration_std": 1.0},
-    "prompt_clusters+reads_eps+beta=0+project_to_shell": {**PROMPT_CLUSTERS, **READS_EPS, "beta": 0.0},
-})
 
 
 def layout_of(caption: str) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_noise_ppo import EpsConditionedDistribution, NoiseDistribution, NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
+from trl_noise_ppo import NoiseDistribution, NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_generator import load_noise_generator, pipeline_noise, pooled_features
 
 
@@ -257,8 +257,6 @@ def test_a_new_generator_config_defaults_to_what_the_trainer_builds():
     config = NoiseGeneratorConfig()
     assert config.learn_sigma == trainer_defaults["learn_sigma"] is False
     assert config.project_to_shell == trainer_defaults["project_to_shell"]
-    assert config.reads_eps == trainer_defaults["generator_reads_eps"] is False
-    assert config.exploration_std == trainer_defaults["exploration_std"]
     for name in ("architecture", "hidden_dim", "grid_size", "grid_channels"):
         assert getattr(config, name) == trainer_defaults[f"generator_{name}"], name
 
@@ -353,90 +351,3 @@ def test_prompt_clusters_give_each_cluster_one_distribution_and_save_it(tmp_path
     loaded = NoiseGenerator.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(prompt_embeds=prompt_embeds).mean.flatten(1), means)
-
-
-# ---- a generator that reads the eps it moves ----
-
-
-def eps_reading_generator(noise_shape=(4, 16, 16), **config):
-    return NoiseGenerator(NoiseGeneratorConfig(noise_shape=list(noise_shape), prompt_embeds_dim=32, pooled_prompt_embeds_dim=16,
-                                               reads_eps=True, exploration_std=0.3, **config))
-
-
-def test_an_untrained_eps_reading_generator_gives_back_eps_and_explores_around_it():
-    eps = torch.randn(6, 4, 16, 16)  # two images for each of the three prompts
-    policy = eps_reading_generator()(**conditioning(), eps=eps)
-    assert isinstance(policy, EpsConditionedDistribution)
-    assert torch.equal(policy.mean, eps) and torch.equal(policy.inference_noise(torch.randn(6, 4, 16, 16)), eps)
-    torch.testing.assert_close(policy.log_std.exp(), torch.full_like(eps, 0.3))
-    assert policy.kl_to_prior().abs().max() == 0 and policy.offset().abs().max() == 0
-    exploration = torch.randn_like(eps)
-    torch.testing.assert_close(policy.sample(exploration), eps + 0.3 * exploration)
-
-
-@pytest.mark.parametrize("noise_shape, extra", [((4, 16, 16), {}), ((6, 16), {"token_grid": [2, 3]}),
-                                                 ((16, 1, 2, 3), {"image_axes": [0, 2, 3]})])
-def test_an_eps_reading_generator_moves_each_eps_its_own_way_and_each_prompt_its_own_way(noise_shape, extra):
-    generator = eps_reading_generator(noise_shape, **extra)
-    torch.nn.init.normal_(generator.head.weight, std=0.1)
-    inputs = conditioning()
-    eps = torch.randn(3, *noise_shape).repeat_interleave(2, dim=0)
-    eps[1::2] = torch.randn(3, *noise_shape)  # each prompt: two different eps
-    offset = generator(**inputs, eps=eps).offset()
-    assert offset.shape == (6, *noise_shape)
-    assert not torch.allclose(offset[0], offset[1])  # one prompt, two eps
-    same_eps = eps[:1].expand(6, *noise_shape)
-    offset_of_same_eps = generator(**inputs, eps=same_eps).offset()
-    assert not torch.allclose(offset_of_same_eps[0], offset_of_same_eps[2])  # one eps, two prompts
-    torch.testing.assert_close(offset_of_same_eps[0], offset_of_same_eps[1])
-
-
-def test_an_eps_reading_policy_steps_each_group_around_its_eps_and_is_pulled_towards_eps():
-    eps = torch.randn(2, 8).repeat_interleave(3, dim=0)  # two groups of three explorations, each around one eps
-    policy = EpsConditionedDistribution(eps + 1.0, torch.full((6, 8), -1.0), eps)
-    exploration = torch.randn(6, 8)
-    x = policy.sample(exploration)
-    advantages = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -2.0])
-    target = policy.natural_step(x, advantages, group_size=3, step_size=0.5, std_step_size=0.1, beta=0.2)
-    std = torch.exp(torch.tensor(-1.0))
-    for group in (slice(0, 3), slice(3, 6)):
-        step = std * (advantages[group].view(-1, 1) * exploration[group]).mean(0) - 0.2 * 1.0
-        torch.testing.assert_close(target.mean[group], policy.mean[group] + 0.5 * step)
-    assert torch.equal(target.log_std, policy.log_std) and torch.equal(target.eps, eps)
-    # KL to N(eps, std^2): |f|^2 / (2 std^2) per element
-    torch.testing.assert_close(policy.kl_to_prior(), torch.full((6,), 0.5 / std.item() ** 2))
-    normal = torch.distributions.Normal(policy.mean, policy.log_std.exp())
-    torch.testing.assert_close(policy.log_prob(x), normal.log_prob(x).mean(1))
-    assert torch.equal(policy.repeat_interleave(2).eps[6:8], eps[3].expand(2, 8))
-
-
-def test_an_eps_reading_generator_needs_eps_and_a_fixed_positive_exploration_std(tmp_path):
-    with pytest.raises(ValueError, match="pass eps="):
-        eps_reading_generator()(**conditioning())
-    with pytest.raises(ValueError, match="not a whole number per prompt"):
-        eps_reading_generator()(**conditioning(), eps=torch.randn(4, 4, 16, 16))
-    with pytest.raises(ValueError, match="set learn_sigma=False"):
-        eps_reading_generator(learn_sigma=True)
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="exploration_std must be positive and finite"):
-            NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=8, reads_eps=True, exploration_std=bad))
-
-
-def test_an_eps_reading_generator_saves_and_loads(tmp_path):
-    generator = eps_reading_generator()
-    torch.nn.init.normal_(generator.head.weight, std=0.1)
-    generator.save_pretrained(tmp_path)
-    loaded = load_noise_generator(tmp_path)
-    assert loaded.config.reads_eps is True and loaded.config.exploration_std == 0.3
-    eps = torch.randn(3, 4, 16, 16)
-    for expected, actual in zip(generator(**conditioning(), eps=eps), loaded(**conditioning(), eps=eps)):
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
-
-
-def test_a_prompt_only_generator_given_eps_returns_each_prompts_policy_once_per_image():
-    generator = make_generator()
-    torch.nn.init.normal_(generator.head.weight)
-    per_prompt = generator(**conditioning())
-    per_image = generator(**conditioning(), eps=torch.randn(6, 4, 16, 16))
-    for expected, actual in zip(per_prompt.repeat_interleave(2), per_image):
-        assert torch.equal(actual, expected)

@@ -22,7 +22,7 @@ from trl_noise_ppo.shapes import load_shapes_pipeline, training_prompts
 CALL = {"num_inference_steps": 2, "output_type": "pt"}
 
 
-def generator_for(pipe, noise_shape=(4, 32, 32), base_pipeline=None, project_to_shell=False, reads_eps=False):
+def generator_for(pipe, noise_shape=(4, 32, 32), base_pipeline=None, project_to_shell=False):
     embeds = encode_prompts(pipe, ["x"])
     pooled = embeds.get("pooled_prompt_embeds")
     return NoiseGenerator(
@@ -33,7 +33,6 @@ def generator_for(pipe, noise_shape=(4, 32, 32), base_pipeline=None, project_to_
             base_pipeline=base_pipeline,
             pipeline_class=type(pipe).__name__,
             project_to_shell=project_to_shell,
-            reads_eps=reads_eps,
         )
     )
 
@@ -56,19 +55,6 @@ def test_untrained_generator_reproduces_base_pipeline(family):
     eps = torch.randn(3, 4, 32, 32)
     base = pipe("a cat", num_images_per_prompt=3, latents=eps, **CALL).images
     assert torch.equal(tuned("a cat", num_images_per_prompt=3, latents=eps, **CALL).images, base)
-
-
-def test_an_eps_reading_generator_reproduces_the_base_pipeline_untrained_and_moves_each_seeds_noise_trained():
-    pipe = build_pipeline("sd")
-    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    base = pipe("a cat", num_images_per_prompt=2, generator=seeded(), **CALL).images
-    untrained = NoisePPOPipeline(pipe, generator_for(pipe, reads_eps=True))
-    assert torch.equal(untrained("a cat", num_images_per_prompt=2, generator=seeded(), **CALL).images, base)
-    trained = NoisePPOPipeline(pipe, perturbed(generator_for(pipe, reads_eps=True)))
-    images = trained("a cat", num_images_per_prompt=2, generator=seeded(), **CALL).images
-    assert not torch.allclose(images, base)
-    assert torch.equal(trained("a cat", num_images_per_prompt=2, generator=seeded(), **CALL).images, images)  # no draw of its own
-    assert not torch.allclose(images[0], images[1])
 
 
 def test_a_shell_projecting_generator_gives_the_pipeline_its_noise_at_the_norm_of_n01_noise():

@@ -2,14 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .noise_generator import EpsConditionedDistribution, NoiseDistribution, NoiseGenerator, NoiseGeneratorConfig, load_noise_generator
+from .noise_generator import NoiseDistribution, NoiseGenerator, NoiseGeneratorConfig, load_noise_generator
 from .noise_pipeline import NoisePPOPipeline
 from .noise_ppo_config import NoisePPOConfig
 from .noise_ppo_trainer import NoisePPOTrainer
 
 
 __all__ = [
-    "EpsConditionedDistribution",
     "NoiseDistribution",
     "NoiseGenerator",
     "NoiseGeneratorConfig",

@@ -59,13 +59,6 @@ class NoiseGeneratorConfig(PreTrainedConfig):
             Whether each noise sample is rescaled to norm `sqrt(D)` (its number of elements) before it reaches the
             pipeline: the shell where `N(0, I)` noise lies, so the frozen model sees noise of the norm it was trained
             on however far the mean drifts. The policy's action, and its density, stay those of the unscaled noise.
-        reads_eps (`bool`, *optional*, defaults to `False`):
-            Whether the policy sees the unit noise `eps` the pipeline would have used and moves it: `x ~ N(eps +
-            f(eps, c), exploration_std^2)`, with `f` a small convolutional network of `eps` beside the prompt's grid
-            (zero at initialisation). In training each prompt's group explores around one `eps`; at inference it gives
-            `eps + f(eps, c)`, one noise per `eps`, so a prompt's images vary as `eps` does.
-        exploration_std (`float`, *optional*, defaults to `0.5`):
-            With `reads_eps`: the standard deviation of the exploration around `eps + f(eps, c)` during training.
     """
 
     model_type = "noise_generator"
@@ -86,8 +79,6 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         grid_channels: int = 64,
         learn_sigma: bool = False,
         project_to_shell: bool = False,
-        reads_eps: bool = False,
-        exploration_std: float = 0.5,
         **kwargs,
     ):
         self.noise_shape = list(noise_shape) if noise_shape is not None else None
@@ -104,8 +95,6 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self.grid_channels = grid_channels
         self.learn_sigma = learn_sigma
         self.project_to_shell = project_to_shell
-        self.reads_eps = reads_eps
-        self.exploration_std = exploration_std
         super().__init__(**kwargs)
 
 
@@ -115,11 +104,10 @@ class NoiseDistribution(NamedTuple):
 
         x = mean + exp(log_std) * eps,    eps ~ N(0, I).
 
-    This is the interface the trainer and [`NoisePPOPipeline`] use: they draw noise with `sample` (training) and
-    `inference_noise`, and the trainer scores and improves the policy with `log_prob`, `kl_to_prior`, `natural_step`
-    and `offset`, never with the Gaussian's formulas. `N(0, I)`, the base pipeline's own prior, is
-    `mean = log_std = 0`. A new kind of policy is a generator whose `forward` returns another class with these methods
-    ([`EpsConditionedDistribution`] is one). Per-sample quantities are averaged over the noise's
+    This is the interface the trainer and [`NoisePPOPipeline`] use: they draw noise with `sample`, and the trainer
+    scores and improves the policy with `log_prob`, `kl_to_prior` and `natural_step`, never with the Gaussian's
+    formulas. `N(0, I)`, the base pipeline's own prior, is `mean = log_std = 0`. A new kind of policy is a generator
+    whose `forward` returns another class with these methods. Per-sample quantities are averaged over the noise's
     elements, so that their scale does not depend on the resolution.
     """
 
@@ -129,14 +117,6 @@ class NoiseDistribution(NamedTuple):
     def sample(self, eps: torch.Tensor) -> torch.Tensor:
         """The noise for unit Gaussian noise `eps` of the same shape: `mean + exp(log_std) * eps`."""
         return self.mean + torch.exp(self.log_std) * eps
-
-    def inference_noise(self, eps: torch.Tensor) -> torch.Tensor:
-        """The noise a pipeline gets at inference for unit noise `eps`: a sample, as in training."""
-        return self.sample(eps)
-
-    def offset(self) -> torch.Tensor:
-        """How far the mean is from the prior's: `mean`."""
-        return self.mean
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """`log pi(x)` per sample, averaged over the noise's elements."""
@@ -165,8 +145,13 @@ class NoiseDistribution(NamedTuple):
         std = torch.exp(self.log_std)
         z = (x - self.mean) / std
         weights = advantages.view(-1, *[1] * (x.ndim - 1))
-        mean_step = std * _group_mean(weights * z, group_size) - beta * std**2 * self.mean
-        log_std_step = _group_mean(weights * (z**2 - 1), group_size) / 2 - beta * (std**2 - 1) / 2
+
+        def group_mean(values: torch.Tensor) -> torch.Tensor:
+            means = values.view(-1, group_size, *values.shape[1:]).mean(dim=1)
+            return means.repeat_interleave(group_size, dim=0)
+
+        mean_step = std * group_mean(weights * z) - beta * std**2 * self.mean
+        log_std_step = group_mean(weights * (z**2 - 1)) / 2 - beta * (std**2 - 1) / 2
         return NoiseDistribution(self.mean + step_size * mean_step, self.log_std + std_step_size * log_std_step)
 
     def squared_distance(self, target: "NoiseDistribution") -> torch.Tensor:
@@ -178,68 +163,6 @@ class NoiseDistribution(NamedTuple):
     def repeat_interleave(self, repeats: int) -> "NoiseDistribution":
         """Each prompt's distribution `repeats` times in a row, one per sample."""
         return NoiseDistribution(*(value.repeat_interleave(repeats, dim=0) for value in self))
-
-
-class EpsConditionedDistribution(NamedTuple):
-    r"""
-    The policy of a generator that reads the unit noise `eps` it moves (`NoiseGeneratorConfig.reads_eps`), one per
-    image: `x ~ N(mean, exp(log_std)^2)` with `mean = eps + f(eps, c)`. Its prior, the base pipeline's own noise, is
-    `x = eps`, so `kl_to_prior` and the natural step's pull are towards `eps`. The trainer gives each prompt's group
-    one `eps` and explores around it, so that the group's natural step is the direction that improves that `eps`. The
-    same methods as [`NoiseDistribution`].
-    """
-
-    mean: torch.Tensor
-    log_std: torch.Tensor
-    eps: torch.Tensor
-
-    def sample(self, exploration: torch.Tensor) -> torch.Tensor:
-        """A training sample for unit Gaussian noise `exploration`, drawn apart from `eps`: `mean + std * exploration`."""
-        return self.mean + torch.exp(self.log_std) * exploration
-
-    def inference_noise(self, eps: torch.Tensor) -> torch.Tensor:
-        """The noise a pipeline gets at inference: `eps + f(eps, c)`, the mean for the `eps` the policy was built on."""
-        return self.mean
-
-    def offset(self) -> torch.Tensor:
-        """How far the mean is from the prior's: `f(eps, c)`."""
-        return self.mean - self.eps
-
-    log_prob = NoiseDistribution.log_prob
-
-    def kl_to_prior(self) -> torch.Tensor:
-        """`KL(pi || N(eps, std^2 I))` per image, averaged over the noise's elements: `f^2 / (2 std^2)`."""
-        return (0.5 * self.offset() ** 2 * torch.exp(-2 * self.log_std)).flatten(1).mean(dim=1)
-
-    def natural_step(
-        self, x: torch.Tensor, advantages: torch.Tensor, group_size: int, step_size: float, std_step_size: float,
-        beta: float,
-    ) -> "EpsConditionedDistribution":
-        r"""
-        The distribution one natural-gradient step up `E[A] - beta KL(pi || N(eps, std^2))` away, per group of
-        `group_size` consecutive samples `x` explored around one `eps`. With `z = (x - mean) / std`:
-
-            mean* = mean + step_size * (std * mean_group(A z) - beta * (mean - eps))
-
-        The standard deviation stays (`std_step_size` is unused).
-        """
-        std = torch.exp(self.log_std)
-        z = (x - self.mean) / std
-        weights = advantages.view(-1, *[1] * (x.ndim - 1))
-        mean_step = std * _group_mean(weights * z, group_size) - beta * self.offset()
-        return EpsConditionedDistribution(self.mean + step_size * mean_step, self.log_std, self.eps)
-
-    squared_distance = NoiseDistribution.squared_distance
-
-    def repeat_interleave(self, repeats: int) -> "EpsConditionedDistribution":
-        """Each row `repeats` times in a row."""
-        return EpsConditionedDistribution(*(value.repeat_interleave(repeats, dim=0) for value in self))
-
-
-def _group_mean(values: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The mean of each group of `group_size` consecutive rows, repeated for each row of the group."""
-    means = values.view(-1, group_size, *values.shape[1:]).mean(dim=1)
-    return means.repeat_interleave(group_size, dim=0)
 
 
 def pooled_features(config: NoiseGeneratorConfig, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask) -> torch.Tensor:
@@ -455,17 +378,6 @@ class NoiseGenerator(PreTrainedModel):
                 for _ in range(num_upsamplings)
             ]
         )
-        if config.reads_eps:
-            if config.learn_sigma:
-                raise ValueError(
-                    "A generator that reads eps explores with a fixed exploration_std: set learn_sigma=False, or "
-                    "reads_eps=False to learn the standard deviation."
-                )
-            if not 0 < config.exploration_std < math.inf:
-                raise ValueError(f"exploration_std must be positive and finite, got {config.exploration_std}.")
-            # what the policy sees of eps, at the noise's resolution, beside the prompt's upsampled grid
-            self.eps_reader = nn.Conv2d(channels, config.grid_channels, 3, padding=1)
-            self.eps_mixer = nn.Sequential(nn.SiLU(), nn.Conv2d(config.grid_channels, config.grid_channels, 3, padding=1), nn.SiLU())
         out_channels = 2 * channels if config.learn_sigma else channels
         self.head = nn.Conv2d(config.grid_channels, out_channels, 3, padding=1)
         self.post_init()
@@ -517,8 +429,7 @@ class NoiseGenerator(PreTrainedModel):
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
-        eps: torch.Tensor | None = None,
-    ) -> NoiseDistribution | EpsConditionedDistribution:
+    ) -> NoiseDistribution:
         """
         Args:
             prompt_embeds (`torch.Tensor` of shape `(batch, tokens, prompt_embeds_dim)`, *optional*):
@@ -528,59 +439,32 @@ class NoiseGenerator(PreTrainedModel):
             prompt_attention_mask (`torch.Tensor` of shape `(batch, tokens)`, *optional*):
                 1 for real tokens, 0 for padding, for pipelines whose encoders return one; padding is then left out
                 of the mean over tokens.
-            eps (`torch.Tensor` of shape `(batch * n, *noise_shape)`, *optional*):
-                The unit noise of `n` images per prompt, prompt by prompt. Given, the policy is returned per image
-                (each prompt's `n` times in a row); a generator with `config.reads_eps` needs it, as it moves it.
 
         Returns:
-            [`NoiseDistribution`]: the policy for each prompt (or image), a `(mean, log_std)` pair of tensors of shape
-            `(batch, *noise_shape)` (it unpacks as one); with `config.reads_eps`, an [`EpsConditionedDistribution`] per
-            image.
+            [`NoiseDistribution`]: the policy for each prompt, a `(mean, log_std)` pair of tensors of shape
+            `(batch, *noise_shape)` (it unpacks as one).
         """
-        grid = self.grid_encoder(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
-        if eps is not None and len(eps) % len(grid):
-            raise ValueError(f"eps has {len(eps)} rows, not a whole number per prompt of the {len(grid)} prompts.")
-        if eps is None and self.config.reads_eps:
-            raise ValueError("This generator reads the unit noise it moves (config.reads_eps): pass eps=, one row per image.")
         channels, height, width = self._image_shape()
+        grid = self.grid_encoder(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
         grid = self.upsampler(grid)
         if grid.shape[-2:] != (height, width):
             grid = nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-        if self.config.reads_eps:
-            grid = grid.repeat_interleave(len(eps) // len(grid), dim=0)
-            grid = self.eps_mixer(grid + self.eps_reader(self._as_image(eps.to(grid.dtype))))
         out = self.head(grid)
         if self.config.learn_sigma:
             mu, log_sigma = out.split(channels, dim=1)
         else:
             mu, log_sigma = out, torch.zeros_like(out)
-        mu, log_sigma = self._from_image(mu), self._from_image(log_sigma)
-        if self.config.reads_eps:
-            return EpsConditionedDistribution(eps + mu, log_sigma + math.log(self.config.exploration_std), eps)
-        policy = NoiseDistribution(mu, log_sigma)
-        return policy if eps is None else policy.repeat_interleave(len(eps) // len(mu))
-
-    def _as_image(self, noise: torch.Tensor) -> torch.Tensor:
-        """Noise of `noise_shape` (batch first) as `(batch, channels, height, width)`."""
-        channels, height, width = self._image_shape()
-        if self.config.image_axes is not None:
-            others = [axis for axis in range(len(self.config.noise_shape)) if axis not in self.config.image_axes]
-            axes = [*self.config.image_axes, *others]  # the others have size 1
-            return noise.permute(0, *[1 + axis for axis in axes]).reshape(-1, channels, height, width)
-        if len(self.config.noise_shape) == 2:
-            return noise.transpose(1, 2).reshape(-1, channels, height, width)
-        return noise
-
-    def _from_image(self, image: torch.Tensor) -> torch.Tensor:
-        """The inverse of `_as_image`."""
         if self.config.image_axes is not None:
             # channels, rows and columns in the order of their axes, then the axes of size 1 in between
             order = sorted(range(3), key=lambda i: self.config.image_axes[i])
-            return image.permute(0, *[1 + i for i in order]).reshape(-1, *self.config.noise_shape)
-        if len(self.config.noise_shape) == 2:
+            mu, log_sigma = (
+                x.permute(0, *[1 + i for i in order]).reshape(-1, *self.config.noise_shape) for x in (mu, log_sigma)
+            )
+        elif len(self.config.noise_shape) == 2:
             # patches in row-major order, as the pipelines pack them
-            return image.flatten(2).transpose(1, 2)
-        return image
+            mu, log_sigma = (x.flatten(2).transpose(1, 2) for x in (mu, log_sigma))
+        return NoiseDistribution(mu, log_sigma)
+
 
 def pipeline_noise(noise: torch.Tensor, config: NoiseGeneratorConfig) -> torch.Tensor:
     """The noise the pipeline gets for the policy's sample `noise` (batch first): `noise` itself, or, with

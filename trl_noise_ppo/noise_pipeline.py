@@ -53,8 +53,7 @@ class NoisePPOPipeline:
     you pass: with an untrained generator the images are exactly those of the wrapped pipeline for the same seed or
     `latents` (unless its config has `project_to_shell`). Pass `noise="mean"` to use `x_T = mu(c)`; note that this noise
     is far smoother than what the frozen model was trained on, so sampling (the default) is usually better, and a
-    seeded `generator` already makes it deterministic. A generator that reads eps (`config.reads_eps`) gives
-    `x_T = eps + f(eps, c)` either way.
+    seeded `generator` already makes it deterministic.
 
     Calls from several threads (a server) give each the images it would give alone: each runs on a copy of the wrapped
     pipeline with schedulers of its own, and prompts are encoded one call at a time.
@@ -195,8 +194,8 @@ class NoisePPOPipeline:
 
         Args:
             latents (`torch.Tensor`, *optional*):
-                Unit Gaussian noise `eps` of the pipeline's own latent shape, turned into `mu + sigma * eps` (or
-                `eps + f(eps, c)`). Drawn from `generator` if not given.
+                Unit Gaussian noise `eps` of the pipeline's own latent shape, turned into `mu + sigma * eps`. Drawn from
+                `generator` if not given.
             noise (`str`, *optional*, defaults to `"sample"`):
                 `"sample"` draws from the generator's policy; `"mean"` uses its mean `mu` and ignores `eps`.
         """
@@ -242,9 +241,9 @@ class NoisePPOPipeline:
             name: None if value is None else value.to(generator_device)
             for name, value in generator_inputs(conditioning).items()
         }
-        policy = self.noise_generator(**conditioning, eps=latents.to(generator_device, torch.float32))
+        policy = self.noise_generator(**conditioning).repeat_interleave(num_images_per_prompt)
         policy = type(policy)(*(value.to(spec.device) for value in policy))
-        noise_tensor = policy.mean if noise == "mean" else policy.inference_noise(latents.to(spec.device, torch.float32))
+        noise_tensor = policy.mean if noise == "mean" else policy.sample(latents.to(spec.device, torch.float32))
         noise_tensor = pipeline_noise(noise_tensor, self.noise_generator.config)
         # a copy with schedulers of its own, as this call's denoising sets their timesteps and steps through them
         return copy_for_one_call(self.pipeline)(**call_kwargs, latents=noise_tensor.to(spec.dtype))

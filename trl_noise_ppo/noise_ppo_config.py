@@ -118,13 +118,6 @@ class NoisePPOConfig(_BaseConfig):
             benchmark its judged gain over three seeds was level with the default's; with `beta=0`, where the mean
             goes far from the prior, it doubled the judged gain and made a prompt's images nearly alike
             (docs/benchmarks.md).
-        generator_reads_eps (`bool`, *optional*, defaults to `False`):
-            Whether a new generator also sees the unit noise `eps` the pipeline would have used, and moves it:
-            `x ~ N(eps + f(eps, c), exploration_std^2)` in training, `eps + f(eps, c)` at inference
-            (`NoiseGeneratorConfig.reads_eps`). `beta` then pulls `f` to 0, the base pipeline's own noise. Ignored
-            when a trained generator is given.
-        exploration_std (`float`, *optional*, defaults to `0.5`):
-            With `generator_reads_eps`: the standard deviation of the training samples around `eps + f(eps, c)`.
         generator_architecture (`str`, *optional*, defaults to `"pooled_mlp"`):
             How a new generator reads the prompt (`NoiseGeneratorConfig.architecture`): `"pooled_mlp"`, an MLP on the
             mean token embedding; `"token_attention"`, attention over the tokens; `"prompt_clusters"`, one learned
@@ -242,12 +235,6 @@ class NoisePPOConfig(_BaseConfig):
     project_to_shell: bool = field(
         default=False, metadata={"help": "Whether a new generator rescales its noise to the norm of N(0, I) noise."}
     )
-    generator_reads_eps: bool = field(
-        default=False, metadata={"help": "Whether a new generator sees the unit noise eps it moves."}
-    )
-    exploration_std: float = field(
-        default=0.5, metadata={"help": "With generator_reads_eps: the training samples' std around eps + f(eps, c)."}
-    )
     generator_architecture: str = field(
         default="pooled_mlp",
         metadata={"help": "How a new generator reads the prompt.", "choices": list(GRID_ENCODERS)},
@@ -353,13 +340,6 @@ class NoisePPOConfig(_BaseConfig):
         if self.generator_architecture not in GRID_ENCODERS:
             raise ValueError(
                 f"generator_architecture must be one of {sorted(GRID_ENCODERS)}, got {self.generator_architecture!r}."
-            )
-        if not 0 < self.exploration_std < math.inf:
-            raise ValueError(f"exploration_std must be positive and finite, got {self.exploration_std}.")
-        if self.generator_reads_eps and self.learn_sigma:
-            raise ValueError(
-                "A generator that reads eps explores with a fixed exploration_std: set learn_sigma=False, or "
-                "generator_reads_eps=False to learn the standard deviation."
             )
         if self.loss_type not in ("natural_step", "ppo_clip"):
             raise ValueError(f"loss_type must be 'natural_step' or 'ppo_clip', got {self.loss_type!r}.")

@@ -57,10 +57,8 @@ from .rewards import call_reward_funcs, check_reward_files, resolve_reward_funcs
 
 
 ROLLOUT_FILE = "noise_ppo_rollout_{}.pt"
-# Seeds the evaluation's noise and scheduler draws, and the exploration of a generator that reads eps, apart from the
-# rollouts' other draws (whose salts are small)
+# Seeds the evaluation's noise and scheduler draws apart from the rollouts' (whose salts are small)
 EVALUATION_SALT = 1_000_003
-EXPLORATION_SALT = -1_000_003
 # A checkpoint, or the saved model, is written into this folder of the output folder, then moved into place when
 # complete; a save killed midway leaves only this folder, which the next save removes
 STAGING_DIR = "tmp-save"
@@ -342,8 +340,6 @@ class NoisePPOTrainer(_BaseTrainer):
                     grid_channels=args.generator_grid_channels,
                     learn_sigma=args.learn_sigma,
                     project_to_shell=args.project_to_shell,
-                    reads_eps=args.generator_reads_eps,
-                    exploration_std=args.exploration_std,
                 )
             )
         check_generator_fits(noise_generator.config, noise_spec, example_embeds, pipeline)
@@ -456,18 +452,10 @@ class NoisePPOTrainer(_BaseTrainer):
         embeds = prompt_conditioning(self.pipeline, batch[::k], **self.args.pipeline_kwargs)
         sample_embeds = repeat_rows(embeds, k)
 
-        # x_T ~ pi(. | c): each prompt's noise distribution, sampled num_generations times (x_T = mu(c) + sigma(c) eps).
-        # A generator that reads eps moves it, x_T ~ N(eps + f(eps, c), s^2): each prompt's group explores around one
-        # eps, with draws of its own, so that the group's advantages say which way is better for that eps
-        noise_shape = generator.config.noise_shape
-        if generator.config.reads_eps:
-            eps = torch.randn((len(prompts) // k, *noise_shape), generator=self._rollout_generator(salt=0)).to(device)
-            eps = eps.repeat_interleave(k, dim=0)
-            exploration = torch.randn(eps.shape, generator=self._rollout_generator(salt=EXPLORATION_SALT)).to(device)
-        else:
-            eps = exploration = torch.randn((len(prompts), *noise_shape), generator=self._rollout_generator(salt=0)).to(device)
-        policy = generator(**generator_inputs(embeds), eps=eps)
-        noise = policy.sample(exploration)
+        # x_T ~ pi(. | c): each prompt's noise distribution, sampled num_generations times (x_T = mu(c) + sigma(c) eps)
+        policy = generator(**generator_inputs(embeds)).repeat_interleave(k)
+        eps = torch.randn(policy.mean.shape, generator=self._rollout_generator(salt=0)).to(device)
+        noise = policy.sample(eps)
         _check_noise_is_finite(noise)
 
         # The frozen pipeline turns each noise into an image, sample_batch_size at a time; stochastic schedulers draw from
@@ -543,7 +531,6 @@ class NoisePPOTrainer(_BaseTrainer):
 
         rollout = {
             **{name: value for name, value in generator_inputs(sample_embeds).items() if value is not None},
-            "eps": eps,
             "noise": noise,
             "advantages": advantages,
             "rewarded": (~rewards.isnan()).float(),
@@ -572,7 +559,7 @@ class NoisePPOTrainer(_BaseTrainer):
         return images
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = model(**generator_inputs(inputs), eps=inputs.get("eps"))
+        policy = model(**generator_inputs(inputs))
         kl = policy.kl_to_prior()
         metrics = {"kl": kl}
         if self.args.loss_type == "natural_step":
@@ -602,7 +589,7 @@ class NoisePPOTrainer(_BaseTrainer):
 
         with torch.no_grad():
             metrics["policy/sigma"] = torch.exp(policy.log_std).flatten(1).mean(dim=1)
-            metrics["policy/mu_rms"] = policy.offset().flatten(1).pow(2).mean(dim=1).sqrt()
+            metrics["policy/mu_rms"] = policy.mean.flatten(1).pow(2).mean(dim=1).sqrt()
             for name, value in metrics.items():
                 self._metrics[name].append(self.accelerator.gather(value.detach()).mean().item())
         return (loss, policy.mean) if return_outputs else loss
@@ -707,9 +694,10 @@ class NoisePPOTrainer(_BaseTrainer):
 
     def _generator_noise(self, embeds: dict, eps: torch.Tensor) -> torch.Tensor:
         """The noise the pipeline gets from the current generator for the unit noise `eps` (`len(eps) // len(prompts)`
-        rows per prompt of `embeds`): `mu + sigma * eps`, or `eps + f(eps, c)` for a generator that reads eps."""
+        rows per prompt of `embeds`): `mu + sigma * eps`."""
         generator = self.accelerator.unwrap_model(self.model)
-        return pipeline_noise(generator(**generator_inputs(embeds), eps=eps).inference_noise(eps), generator.config)
+        policy = generator(**generator_inputs(embeds))
+        return pipeline_noise(policy.repeat_interleave(len(eps) // len(policy.mean)).sample(eps), generator.config)
 
     def _evaluation_eps(self, prompt_index: int, count: int) -> torch.Tensor:
         # Drawn from the seed and the prompt's index alone: the same noise at every evaluation, on any process count
