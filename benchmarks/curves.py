@@ -80,6 +80,7 @@ LAYOUT_ORACLES = {
     "layout_oracle+embeddings": (True, {}),
     "layout_oracle+step_size=0.125": (False, {"step_size": 0.125}),
     "layout_oracle+beta=0": (False, {"beta": 0.0}),
+    "layout_oracle+beta=0+project_to_shell": (False, {"beta": 0.0, "project_to_shell": True}),
 }
 VARIANTS.update({name: overrides for name, (_, overrides) in LAYOUT_ORACLES.items()})
 PROMPT_CLUSTERS = {"generator_architecture": "prompt_clusters"}
@@ -97,6 +98,8 @@ VARIANTS.update({
     "prompt_clusters+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.0, "project_to_shell": True},
     "prompt_clusters+project_to_shell": {**PROMPT_CLUSTERS, "project_to_shell": True},
     "prompt_clusters+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.005, "project_to_shell": True},
+    "prompt_clusters=24+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 24, "beta": 0.0,
+                                                   "project_to_shell": True},
     "prompt_clusters=1+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.0,
                                                   "project_to_shell": True},
     "prompt_clusters=1+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.005,
