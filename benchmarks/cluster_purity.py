@@ -32,25 +32,25 @@ def main() -> None:
     pipe = load_shapes_pipeline()
     prompts = balanced_prompts("training", args.num_training_prompts)
     layouts = [layout_of(prompt) for prompt in prompts]
+    kind_of_prompt = [layout.split(",")[0] for layout in layouts]
     inputs = generator_inputs(prompt_conditioning(pipe, [{"prompt": prompt} for prompt in prompts]))
-    kinds = sorted({layout.split(",")[0] for layout in layouts})
+    base_config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=inputs["prompt_embeds"].shape[-1],
+                                       architecture="prompt_clusters")
+    features = pooled_features(base_config, **inputs)
+    kinds = sorted(set(kind_of_prompt))
     print(f"| clusters | {' | '.join(kinds)} |\n|---|{'---|' * len(kinds)}")
     for k in args.num_clusters:
-        config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=inputs["prompt_embeds"].shape[-1],
-                                      architecture="prompt_clusters", num_clusters=k)
-        encoder = PromptClustersGridEncoder(config)
-        features = pooled_features(config, **inputs)
+        encoder = PromptClustersGridEncoder(NoiseGeneratorConfig(**{**base_config.to_dict(), "num_clusters": k}))
         encoder.fit(features)  # as the trainer fits it, on the training prompts
-        clusters = torch.cdist((features - encoder.feature_shift) / encoder.feature_scale, encoder.centroids).argmin(dim=1).tolist()
+        clusters = encoder.assign(features).tolist()
         members = collections.defaultdict(list)
         for cluster, layout in zip(clusters, layouts):
             members[cluster].append(layout)
         purity = {cluster: collections.Counter(ls).most_common(1)[0][1] / len(ls) for cluster, ls in members.items()}
         by_kind = collections.defaultdict(list)
-        for cluster, layout in zip(clusters, layouts):
-            by_kind[layout.split(",")[0]].append(purity[cluster])
+        for cluster, kind in zip(clusters, kind_of_prompt):
+            by_kind[kind].append(purity[cluster])
         print(f"| {k} | {' | '.join(f'{sum(by_kind[kind]) / len(by_kind[kind]):.2f}' for kind in kinds)} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

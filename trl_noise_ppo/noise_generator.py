@@ -256,15 +256,18 @@ class PromptClustersGridEncoder(nn.Module):
         self.centroids.copy_(kmeans((features - self.feature_shift) / self.feature_scale, self.config.num_clusters))
         self.fitted.fill_(True)
 
+    def assign(self, features: torch.Tensor) -> torch.Tensor:
+        """The index of each prompt's nearest centroid, from its `pooled_features`."""
+        features = (features.float() - self.feature_shift.float()) / self.feature_scale.float()
+        return torch.cdist(features, self.centroids.float()).argmin(dim=1)
+
     def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
         if not self.fitted:
             raise ValueError(
                 "This prompt_clusters generator has no clusters yet: train it with NoisePPOTrainer, which fits them on "
                 "its training prompts, or call generator.grid_encoder.fit(features) first."
             )
-        features = pooled_features(self.config, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
-        features = (features - self.feature_shift.float()) / self.feature_scale.float()
-        clusters = torch.cdist(features, self.centroids.float()).argmin(dim=1)
+        clusters = self.assign(pooled_features(self.config, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask))
         grid = self.templates(nn.functional.one_hot(clusters, self.config.num_clusters).to(self.templates.weight.dtype))
         return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
 
