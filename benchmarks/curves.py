@@ -72,6 +72,8 @@ VARIANTS = {
     "generator_hidden_dim=4": {"generator_hidden_dim": 4},
     "generator_architecture=token_attention": {"generator_architecture": "token_attention"},
     "beta=0+project_to_shell": {"beta": 0.0, "project_to_shell": True},
+    "generator_architecture=token_attention+beta=0+project_to_shell": {
+        "generator_architecture": "token_attention", "beta": 0.0, "project_to_shell": True},
 }
 # variants whose generator reads the prompt's layout (LayoutOracleEncoder): whether it reads the embeddings besides,
 # and their NoisePPOConfig overrides
@@ -100,6 +102,8 @@ VARIANTS.update({
     "prompt_clusters+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.005, "project_to_shell": True},
     "prompt_clusters=24+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 24, "beta": 0.0,
                                                    "project_to_shell": True},
+    "prompt_clusters+cluster_by=pipeline_images+beta=0+project_to_shell": {
+        **PROMPT_CLUSTERS, "generator_cluster_by": "pipeline_images", "beta": 0.0, "project_to_shell": True},
     "prompt_clusters=1+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.0,
                                                   "project_to_shell": True},
     "prompt_clusters=1+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.005,

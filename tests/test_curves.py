@@ -52,3 +52,22 @@ def test_every_variant_sets_fields_of_the_config(tmp_path):
     assert VARIANTS["layout_oracle+beta=0"] == {"beta": 0.0}
     assert all(VARIANTS[name] == overrides for name, (_, overrides) in LAYOUT_ORACLES.items())
     assert VARIANTS["prompt_clusters+beta=0"] == {"generator_architecture": "prompt_clusters", "beta": 0.0}
+
+
+def test_gain_by_kind_reloads_a_saved_layout_oracle_generator_with_its_weights(tmp_path):
+    from benchmarks.gain_by_kind import load_generator
+
+    pipe = load_shapes_pipeline()
+    captions = ["a yellow square on the right", "four yellow triangles", "a blue circle on the left"]
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=pipe.text_encoder.config.hidden_size)
+    generator = NoiseGenerator(config)
+    generator.grid_encoder = LayoutOracleEncoder(generator.grid_encoder, pipe, captions)
+    torch.nn.init.normal_(generator.head.weight)  # an untrained head writes zeros for every prompt
+    folder = tmp_path / "budget-layout_oracle+beta=0+project_to_shell-shapes_judge-1-steps-seed-0"
+    generator.save_pretrained(folder)  # as benchmarks.curves saves it, through trainer.save_model
+    embeds = prompt_conditioning(pipe, [{"prompt": caption} for caption in captions])["prompt_embeds"]
+    loaded = load_generator(str(folder), pipe, captions)
+    with torch.no_grad():
+        means = generator(prompt_embeds=embeds).mean
+        assert means.abs().sum() > 0
+        assert torch.equal(loaded(prompt_embeds=embeds).mean, means)
