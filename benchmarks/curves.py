@@ -102,8 +102,6 @@ VARIANTS.update({
     "prompt_clusters+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.005, "project_to_shell": True},
     "prompt_clusters=24+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 24, "beta": 0.0,
                                                    "project_to_shell": True},
-    "prompt_clusters+cluster_by=pipeline_images+beta=0+project_to_shell": {
-        **PROMPT_CLUSTERS, "generator_cluster_by": "pipeline_images", "beta": 0.0, "project_to_shell": True},
     "prompt_clusters=1+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.0,
                                                   "project_to_shell": True},
     "prompt_clusters=1+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.005,

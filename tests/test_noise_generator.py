@@ -309,9 +309,9 @@ def test_kmeans_finds_separated_clusters():
     assert torch.cdist(centres, centroids).min(dim=1).values.max() < 0.2
 
 
-def _clusters_generator(num_clusters=3, cluster_by="prompt_embeddings"):
+def _clusters_generator(num_clusters=3):
     config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=8, architecture="prompt_clusters",
-                                  num_clusters=num_clusters, cluster_by=cluster_by, grid_size=4)
+                                  num_clusters=num_clusters, grid_size=4)
     return NoiseGenerator(config)
 
 
@@ -351,40 +351,3 @@ def test_prompt_clusters_give_each_cluster_one_distribution_and_save_it(tmp_path
     loaded = NoiseGenerator.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(prompt_embeds=prompt_embeds).mean.flatten(1), means)
-
-
-def test_prompt_clusters_by_pipeline_images_follow_the_images_not_the_features_largest_spread():
-    # Features vary most along a "colour" axis and a little along a "layout" axis; the images change by layout alone.
-    # Clustering the features groups by colour; clustering the image changes groups by layout, and the linear readout
-    # carries that grouping to prompts it was not fitted on.
-    generator = torch.Generator().manual_seed(0)
-
-    def prompts(count):
-        colour, layout = torch.randint(0, 2, (count,), generator=generator), torch.randint(0, 2, (count,), generator=generator)
-        features = torch.randn(count, 8, generator=generator) * 0.05
-        features[:, 0] += 10 * colour
-        features[:, 1] += layout
-        return features, layout
-
-    features, layout = prompts(40)
-    image_changes = torch.randn(40, 16, generator=generator) * 0.05 + layout[:, None].float()
-    by_images = _clusters_generator(num_clusters=2, cluster_by="pipeline_images").grid_encoder
-    by_images.fit(features, image_changes)
-    by_embeddings = _clusters_generator(num_clusters=2).grid_encoder
-    by_embeddings.fit(features)
-    fresh, fresh_layout = prompts(40)
-
-    def same_groups(clusters, labels):
-        return all((clusters[i] == clusters[j]) == (labels[i] == labels[j]) for i in range(len(labels)) for j in range(len(labels)))
-
-    assert same_groups(by_images.assign(features), layout) and same_groups(by_images.assign(fresh), fresh_layout)
-    assert not same_groups(by_embeddings.assign(features), layout)
-
-
-def test_prompt_clusters_are_fitted_on_what_their_cluster_by_names():
-    with pytest.raises(ValueError, match="cluster_by must be one of \\['prompt_embeddings', 'pipeline_images'\\], got 'images'"):
-        _clusters_generator(cluster_by="images")
-    with pytest.raises(ValueError, match="cluster_by='pipeline_images' is fitted with image_changes"):
-        _clusters_generator(cluster_by="pipeline_images").grid_encoder.fit(torch.randn(6, 8))
-    with pytest.raises(ValueError, match="cluster_by='prompt_embeddings' is fitted on the features alone"):
-        _clusters_generator().grid_encoder.fit(torch.randn(6, 8), torch.randn(6, 4))

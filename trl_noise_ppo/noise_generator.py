@@ -45,13 +45,6 @@ class NoiseGeneratorConfig(PreTrainedConfig):
             table for measurements.
         num_clusters (`int`, *optional*, defaults to `12`):
             For `"prompt_clusters"` only: how many clusters of prompts share a grid.
-        cluster_by (`str`, *optional*, defaults to `"prompt_embeddings"`):
-            For `"prompt_clusters"` only: what the k-means groups the training prompts by. `"prompt_embeddings"`:
-            their features, as above. `"pipeline_images"`: where in the image each prompt changes the frozen
-            pipeline's output (from the images of `CLUSTER_PROBE_NOISES` fixed noises, against the empty prompt's),
-            so that prompts that put things in the same places share a grid; a linear readout fitted on the training
-            prompts' features then assigns any prompt its cluster from its features alone, so inference costs nothing
-            more. Fitting costs `CLUSTER_PROBE_NOISES` images per training prompt.
         hidden_dim (`int`, *optional*, defaults to `256`):
             Width of the MLP, or of the attention, that reads the prompt.
         grid_size (`int`, *optional*, defaults to `8`):
@@ -81,7 +74,6 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         pipeline_class: str | None = None,
         architecture: str = "pooled_mlp",
         num_clusters: int = 12,
-        cluster_by: str = "prompt_embeddings",
         hidden_dim: int = 256,
         grid_size: int = 8,
         grid_channels: int = 64,
@@ -98,7 +90,6 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self.pipeline_class = pipeline_class
         self.architecture = architecture
         self.num_clusters = num_clusters
-        self.cluster_by = cluster_by
         self.hidden_dim = hidden_dim
         self.grid_size = grid_size
         self.grid_channels = grid_channels
@@ -234,77 +225,40 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 50) -> torch.Tensor:
     return centroids
 
 
-CLUSTER_BY = ("prompt_embeddings", "pipeline_images")
-# With cluster_by="pipeline_images": the fixed noises whose images, per training prompt, say where the prompt acts
-CLUSTER_PROBE_NOISES = 4
-
-
 class PromptClustersGridEncoder(nn.Module):
-    """Prompt -> grid by the prompt's cluster, each cluster with one learned grid: the nearest of `num_clusters`
-    centroids to the prompt's standardised features `z`. With `cluster_by="prompt_embeddings"` the centroids are the
-    k-means centroids of the training prompts' `z`. With `"pipeline_images"`, k-means groups the training prompts by
-    where they change the pipeline's images, a ridge regression of those clusters' one-hot on `z` gives the readout
-    `s = W z + b`, and the centroids are the one-hot vectors themselves: the nearest is the argmax of `s`. A network that
-    reads the embeddings fits each prompt's own noisy step; clusters make prompts alike share theirs
-    (docs/benchmarks.md)."""
+    """Prompt -> grid by the prompt's cluster: the nearest of `num_clusters` k-means centroids of the training
+    prompts' standardised features, each cluster with one learned grid. A network that reads the embeddings fits
+    each prompt's own noisy step; clusters make prompts that read alike share theirs (docs/benchmarks.md)."""
 
     def __init__(self, config: NoiseGeneratorConfig):
         super().__init__()
-        if config.cluster_by not in CLUSTER_BY:
-            raise ValueError(f"cluster_by must be one of {list(CLUSTER_BY)}, got {config.cluster_by!r}.")
         self.config = config
         dim = conditioning_dim(config)
         # buffers, so that the clusters save, load and push with the weights
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("feature_shift", torch.zeros(dim))
         self.register_buffer("feature_scale", torch.ones(dim))
-        by_images = config.cluster_by == "pipeline_images"
-        self.register_buffer("centroids", torch.zeros(config.num_clusters, config.num_clusters if by_images else dim))
-        if by_images:
-            self.register_buffer("readout_weight", torch.zeros(config.num_clusters, dim))
-            self.register_buffer("readout_bias", torch.zeros(config.num_clusters))
+        self.register_buffer("centroids", torch.zeros(config.num_clusters, dim))
         self.templates = nn.Linear(config.num_clusters, config.grid_channels * config.grid_size**2)
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, image_changes: torch.Tensor | None = None) -> None:
-        """Fits the clusters on the training prompts' features (`pooled_features`, one row per prompt) and, with
-        `cluster_by="pipeline_images"`, on where each prompt changes the pipeline's images (one row per prompt; see
-        `NoisePPOTrainer`)."""
+    def fit(self, features: torch.Tensor) -> None:
+        """Fits the centroids on the training prompts' features (`pooled_features`, one row per prompt)."""
         if len(features) < self.config.num_clusters:
             raise ValueError(
                 f"The prompt_clusters generator has num_clusters={self.config.num_clusters} but was given "
                 f"{len(features)} training prompts to fit them on: give more prompts or fewer clusters "
                 "(generator_num_clusters)."
             )
-        if (image_changes is None) != (self.config.cluster_by == "prompt_embeddings"):
-            raise ValueError(
-                f"A prompt_clusters generator with cluster_by={self.config.cluster_by!r} is fitted "
-                + ("with image_changes, one row per prompt." if image_changes is None else "on the features alone.")
-            )
         features = features.float().to(self.centroids.device)
         self.feature_shift.copy_(features.mean(dim=0))
         self.feature_scale.copy_(features.std(dim=0).nan_to_num(0.0) + 1e-6)
-        standardised = (features - self.feature_shift) / self.feature_scale
-        if image_changes is None:
-            self.centroids.copy_(kmeans(standardised, self.config.num_clusters))
-        else:
-            image_changes = image_changes.float().flatten(1).cpu()
-            image_changes = (image_changes - image_changes.mean(dim=0)) / (image_changes.std(dim=0).nan_to_num(0.0) + 1e-6)
-            clusters = torch.cdist(image_changes, kmeans(image_changes, self.config.num_clusters)).argmin(dim=1)
-            # ridge regression, with a unit penalty, of the clusters' one-hot on [z, 1]
-            inputs = torch.cat([standardised.cpu(), torch.ones(len(standardised), 1)], dim=1)
-            one_hot = nn.functional.one_hot(clusters, self.config.num_clusters).float()
-            solution = torch.linalg.solve(inputs.T @ inputs + torch.eye(inputs.shape[1]), inputs.T @ one_hot)
-            self.readout_weight.copy_(solution[:-1].T)
-            self.readout_bias.copy_(solution[-1])
-            self.centroids.copy_(torch.eye(self.config.num_clusters))
+        self.centroids.copy_(kmeans((features - self.feature_shift) / self.feature_scale, self.config.num_clusters))
         self.fitted.fill_(True)
 
     def assign(self, features: torch.Tensor) -> torch.Tensor:
         """The index of each prompt's nearest centroid, from its `pooled_features`."""
         features = (features.float() - self.feature_shift.float()) / self.feature_scale.float()
-        if self.config.cluster_by == "pipeline_images":
-            features = features @ self.readout_weight.float().T + self.readout_bias.float()
         return torch.cdist(features, self.centroids.float()).argmin(dim=1)
 
     def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):

@@ -7,7 +7,7 @@ import torch
 
 from trl.trainer.base_config import _BaseConfig
 
-from .noise_generator import CLUSTER_BY, GRID_ENCODERS
+from .noise_generator import GRID_ENCODERS
 
 
 # Pipeline call arguments the trainer decides: the noise, its seed, the prompt's conditioning, the batch and the output.
@@ -126,11 +126,6 @@ class NoisePPOConfig(_BaseConfig):
         generator_num_clusters (`int`, *optional*, defaults to `12`):
             For `generator_architecture="prompt_clusters"`: the number of clusters. At most the number of training
             prompts.
-        generator_cluster_by (`str`, *optional*, defaults to `"prompt_embeddings"`):
-            For `generator_architecture="prompt_clusters"`: what the training prompts are grouped by
-            (`NoiseGeneratorConfig.cluster_by`): `"prompt_embeddings"`, their embeddings; `"pipeline_images"`, where
-            each prompt changes the frozen pipeline's images, which groups prompts by layout rather than by colour and
-            shape (4 images per training prompt, once, before the first step; nothing more at inference).
         generator_hidden_dim (`int`, *optional*, defaults to `256`):
             Width of the MLP of a new generator that reads the prompt embedding.
         generator_grid_size (`int`, *optional*, defaults to `8`):
@@ -247,10 +242,6 @@ class NoisePPOConfig(_BaseConfig):
     generator_num_clusters: int = field(
         default=12, metadata={"help": "Clusters of training prompts of a new prompt_clusters generator."}
     )
-    generator_cluster_by: str = field(
-        default="prompt_embeddings",
-        metadata={"help": "What a new prompt_clusters generator groups the training prompts by.", "choices": list(CLUSTER_BY)},
-    )
     generator_hidden_dim: int = field(default=256, metadata={"help": "Width of a new generator's prompt reader."})
     generator_grid_size: int = field(default=8, metadata={"help": "Side of a new generator's coarse grid."})
     generator_grid_channels: int = field(default=64, metadata={"help": "Channels of a new generator's grid."})
@@ -350,8 +341,6 @@ class NoisePPOConfig(_BaseConfig):
             raise ValueError(
                 f"generator_architecture must be one of {sorted(GRID_ENCODERS)}, got {self.generator_architecture!r}."
             )
-        if self.generator_cluster_by not in CLUSTER_BY:
-            raise ValueError(f"generator_cluster_by must be one of {list(CLUSTER_BY)}, got {self.generator_cluster_by!r}.")
         if self.loss_type not in ("natural_step", "ppo_clip"):
             raise ValueError(f"loss_type must be 'natural_step' or 'ppo_clip', got {self.loss_type!r}.")
         if not (0 < self.step_size < math.inf and 0 <= self.std_step_size < math.inf):
