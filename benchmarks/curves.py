@@ -21,7 +21,8 @@ with the generator reading each prompt's layout (its kind, where a single object
 classes) from its caption instead of its embeddings, so that what it gains is what a generator gains from knowing
 which prompts share a noise template; `layout_oracle+embeddings` gives it the layout beside the prompt's embeddings,
 `layout_oracle+step_size=0.125` takes a quarter of the default natural step, `layout_oracle+beta=0` drops the pull to
-N(0, I). `prompt_clusters` is the library's label-free way to impose sharing (`generator_architecture=
+N(0, I). `count_oracle` is told only how many objects a count asks for (5 classes: 2 to 5, and not a count).
+`prompt_clusters` is the library's label-free way to impose sharing (`generator_architecture=
 "prompt_clusters"`: one grid per k-means cluster of the training prompts' embeddings).
 
     python -m benchmarks.curves --parts budget references --steps 1 2 --seeds 0 1 2 --output_dir outputs/curves
@@ -83,6 +84,7 @@ LAYOUT_ORACLES = {
     "layout_oracle+step_size=0.125": (False, {"step_size": 0.125}),
     "layout_oracle+beta=0": (False, {"beta": 0.0}),
     "layout_oracle+beta=0+project_to_shell": (False, {"beta": 0.0, "project_to_shell": True}),
+    "count_oracle+beta=0+project_to_shell": (False, {"beta": 0.0, "project_to_shell": True}),
 }
 VARIANTS.update({name: overrides for name, (_, overrides) in LAYOUT_ORACLES.items()})
 PROMPT_CLUSTERS = {"generator_architecture": "prompt_clusters"}
@@ -114,21 +116,33 @@ def layout_of(caption: str) -> str:
     return f"{scene.kind}, {scene.layout}" + (f", {len(scene.objects)}" if scene.kind == "count" else "")
 
 
-class LayoutOracleEncoder(nn.Module):
-    """Prompt -> grid through the generator's MLP on a one-hot of the prompt's layout, looked up from its caption: the
-    caption whose mean token embedding is nearest (the prompts are the shapes world's, known in advance)."""
+def count_of(caption: str) -> str:
+    """What the count oracle reads of a caption: how many objects a count asks for, and nothing of other scenes."""
+    scene = parse_caption(caption)
+    return f"count, {len(scene.objects)}" if scene.kind == "count" else "not a count"
 
-    def __init__(self, encoder: nn.Module, pipe, captions: list[str], with_embeddings: bool = False):
+
+def oracle_labels(variant: str):
+    """The caption -> class function an oracle variant's generator reads."""
+    return count_of if variant.startswith("count_oracle") else layout_of
+
+
+class LayoutOracleEncoder(nn.Module):
+    """Prompt -> grid through the generator's MLP on a one-hot of the prompt's layout (or another class of
+    `label_of`), looked up from its caption: the caption whose mean token embedding is nearest (the prompts are the
+    shapes world's, known in advance)."""
+
+    def __init__(self, encoder: nn.Module, pipe, captions: list[str], with_embeddings: bool = False, label_of=layout_of):
         super().__init__()
         self.config = config = encoder.config
         # with_embeddings: the one-hot beside the pooled MLP's own (normalised) reading of the prompt
         self.embeddings_norm = encoder.mlp[0] if with_embeddings else None
-        self.layouts = sorted({layout_of(caption) for caption in captions})
+        self.layouts = sorted({label_of(caption) for caption in captions})
         self.register_buffer("features", torch.cat([
             prompt_conditioning(pipe, [{"prompt": caption} for caption in captions[start : start + 256]])["prompt_embeds"].float().mean(dim=1)
             for start in range(0, len(captions), 256)
         ]), persistent=False)
-        self.register_buffer("labels", torch.tensor([self.layouts.index(layout_of(caption)) for caption in captions]), persistent=False)
+        self.register_buffer("labels", torch.tensor([self.layouts.index(label_of(caption)) for caption in captions]), persistent=False)
         # the pooled MLP's, its LayerNorm and first layer replaced by one that reads the one-hot
         width = len(self.layouts) + (config.prompt_embeds_dim if with_embeddings else 0)
         self.mlp = nn.Sequential(nn.Linear(width, config.hidden_dim), *encoder.mlp[2:])
@@ -195,7 +209,7 @@ def train_and_evaluate(pipe, reward: str, steps: int, seed: int, variant: str, t
     if variant in LAYOUT_ORACLES:  # before train(), which builds the optimiser over the generator's parameters
         captions = sorted(set(train_prompts).union(*eval_sets.values()))
         trainer.model.grid_encoder = LayoutOracleEncoder(trainer.model.grid_encoder, pipe, captions,
-                                                         with_embeddings=LAYOUT_ORACLES[variant][0])
+                                                         with_embeddings=LAYOUT_ORACLES[variant][0], label_of=oracle_labels(variant))
     start = time.time()
     trainer.train()
     evaluations = {}  # each evaluation dataset logs an entry of its own

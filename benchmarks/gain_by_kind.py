@@ -1,7 +1,7 @@
 """Where a trained generator's judged gain comes from: its gain over the base model for each kind of prompt (single
 objects, counts, pairs, rows), on held-out and on training prompts, the base model and the generator sharing their
 noise (the same `torch.Generator` seed for both). Takes the folders `benchmarks.curves` saves a generator in, the
-layout oracle's included (rebuilt with its `LayoutOracleEncoder`, which reads the shapes world's captions).
+layout and count oracles' included (rebuilt with their `LayoutOracleEncoder`, which reads the shapes world's captions).
 
     python -m benchmarks.gain_by_kind --generators outputs/curves/budget-layout_oracle+beta=0+project_to_shell-shapes_judge-1-steps-seed-0
 """
@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from trl import TrlParser
 
-from benchmarks.curves import LAYOUT_ORACLES, LayoutOracleEncoder
+from benchmarks.curves import LAYOUT_ORACLES, LayoutOracleEncoder, oracle_labels
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOPipeline
 from trl_noise_ppo.evaluation import interval
 from trl_noise_ppo.shapes import RECOMMENDED_GUIDANCE_SCALES, ShapesJudge, balanced_prompts, load_shapes_pipeline, parse_caption
@@ -34,7 +34,8 @@ def load_generator(folder: str, pipe, captions: list[str]) -> NoiseGenerator:
     if oracle is None:
         return NoiseGenerator.from_pretrained(folder)
     generator = NoiseGenerator(NoiseGeneratorConfig.from_pretrained(folder))
-    generator.grid_encoder = LayoutOracleEncoder(generator.grid_encoder, pipe, captions, with_embeddings=LAYOUT_ORACLES[oracle][0])
+    generator.grid_encoder = LayoutOracleEncoder(generator.grid_encoder, pipe, captions,
+                                                 with_embeddings=LAYOUT_ORACLES[oracle][0], label_of=oracle_labels(oracle))
     generator.load_state_dict(safetensors.torch.load_file(f"{folder}/model.safetensors"))
     return generator
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.curves import LAYOUT_ORACLES, VARIANTS, LayoutOracleEncoder, layout_of
+from benchmarks.curves import LAYOUT_ORACLES, VARIANTS, LayoutOracleEncoder, count_of, layout_of, oracle_labels
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_injection import prompt_conditioning
 from trl_noise_ppo.shapes import balanced_prompts, held_out_prompts, load_shapes_pipeline, training_prompts
@@ -31,6 +31,21 @@ def test_layout_oracle_gives_a_grid_per_layout_from_the_prompt_embeddings():
     for i in range(len(asked)):
         for j in range(i + 1, len(asked)):
             assert torch.equal(grids[i], grids[j]) == (layouts[i] == layouts[j]), (asked[i], asked[j])
+
+
+def test_count_oracle_tells_counts_apart_and_nothing_else():
+    pipe = load_shapes_pipeline()
+    captions = ["four yellow triangles", "four blue circles", "two red squares", "a yellow square on the right",
+                "a white square left of a blue circle left of a yellow triangle"]
+    assert oracle_labels("count_oracle+beta=0+project_to_shell") is count_of
+    assert oracle_labels("layout_oracle+beta=0+project_to_shell") is layout_of
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=pipe.text_encoder.config.hidden_size)
+    encoder = LayoutOracleEncoder(NoiseGenerator(config).grid_encoder, pipe, captions, label_of=count_of)
+    embeds = prompt_conditioning(pipe, [{"prompt": caption} for caption in captions])["prompt_embeds"]
+    with torch.no_grad():
+        grids = encoder(embeds, None, None).flatten(1)
+    assert torch.equal(grids[0], grids[1]) and torch.equal(grids[3], grids[4])
+    assert not torch.equal(grids[0], grids[2]) and not torch.equal(grids[0], grids[3])
 
 
 def test_layout_oracle_with_embeddings_also_reads_the_prompt():
