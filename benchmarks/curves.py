@@ -35,7 +35,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import matplotlib
 
@@ -76,17 +78,36 @@ VARIANTS = {
     "generator_architecture=token_attention+beta=0+project_to_shell": {
         "generator_architecture": "token_attention", "beta": 0.0, "project_to_shell": True},
 }
-# variants whose generator reads the prompt's layout (LayoutOracleEncoder): whether it reads the embeddings besides,
-# and their NoisePPOConfig overrides
+
+
+def layout_of(caption: str) -> str:
+    scene = parse_caption(caption)
+    return f"{scene.kind}, {scene.layout}" + (f", {len(scene.objects)}" if scene.kind == "count" else "")
+
+
+def count_of(caption: str) -> str:
+    """What the count oracle reads of a caption: how many objects a count asks for, and nothing of other scenes."""
+    scene = parse_caption(caption)
+    return f"count, {len(scene.objects)}" if scene.kind == "count" else "not a count"
+
+
+class Oracle(NamedTuple):
+    """A variant whose generator reads a class of each prompt's caption (`LayoutOracleEncoder`)."""
+
+    label_of: Callable[[str], str]  # caption -> class
+    with_embeddings: bool  # whether it reads the prompt's embeddings besides
+    overrides: dict  # NoisePPOConfig overrides
+
+
 LAYOUT_ORACLES = {
-    "layout_oracle": (False, {}),
-    "layout_oracle+embeddings": (True, {}),
-    "layout_oracle+step_size=0.125": (False, {"step_size": 0.125}),
-    "layout_oracle+beta=0": (False, {"beta": 0.0}),
-    "layout_oracle+beta=0+project_to_shell": (False, {"beta": 0.0, "project_to_shell": True}),
-    "count_oracle+beta=0+project_to_shell": (False, {"beta": 0.0, "project_to_shell": True}),
+    "layout_oracle": Oracle(layout_of, False, {}),
+    "layout_oracle+embeddings": Oracle(layout_of, True, {}),
+    "layout_oracle+step_size=0.125": Oracle(layout_of, False, {"step_size": 0.125}),
+    "layout_oracle+beta=0": Oracle(layout_of, False, {"beta": 0.0}),
+    "layout_oracle+beta=0+project_to_shell": Oracle(layout_of, False, {"beta": 0.0, "project_to_shell": True}),
+    "count_oracle+beta=0+project_to_shell": Oracle(count_of, False, {"beta": 0.0, "project_to_shell": True}),
 }
-VARIANTS.update({name: overrides for name, (_, overrides) in LAYOUT_ORACLES.items()})
+VARIANTS.update({name: oracle.overrides for name, oracle in LAYOUT_ORACLES.items()})
 PROMPT_CLUSTERS = {"generator_architecture": "prompt_clusters"}
 VARIANTS.update({
     "prompt_clusters": PROMPT_CLUSTERS,
@@ -109,22 +130,6 @@ VARIANTS.update({
     "prompt_clusters=1+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 1, "beta": 0.005,
                                                       "project_to_shell": True},
 })
-
-
-def layout_of(caption: str) -> str:
-    scene = parse_caption(caption)
-    return f"{scene.kind}, {scene.layout}" + (f", {len(scene.objects)}" if scene.kind == "count" else "")
-
-
-def count_of(caption: str) -> str:
-    """What the count oracle reads of a caption: how many objects a count asks for, and nothing of other scenes."""
-    scene = parse_caption(caption)
-    return f"count, {len(scene.objects)}" if scene.kind == "count" else "not a count"
-
-
-def oracle_labels(variant: str):
-    """The caption -> class function an oracle variant's generator reads."""
-    return count_of if variant.startswith("count_oracle") else layout_of
 
 
 class LayoutOracleEncoder(nn.Module):
@@ -208,8 +213,9 @@ def train_and_evaluate(pipe, reward: str, steps: int, seed: int, variant: str, t
     )
     if variant in LAYOUT_ORACLES:  # before train(), which builds the optimiser over the generator's parameters
         captions = sorted(set(train_prompts).union(*eval_sets.values()))
+        oracle = LAYOUT_ORACLES[variant]
         trainer.model.grid_encoder = LayoutOracleEncoder(trainer.model.grid_encoder, pipe, captions,
-                                                         with_embeddings=LAYOUT_ORACLES[variant][0], label_of=oracle_labels(variant))
+                                                         with_embeddings=oracle.with_embeddings, label_of=oracle.label_of)
     start = time.time()
     trainer.train()
     evaluations = {}  # each evaluation dataset logs an entry of its own

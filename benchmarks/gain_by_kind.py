@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from trl import TrlParser
 
-from benchmarks.curves import LAYOUT_ORACLES, LayoutOracleEncoder, oracle_labels
+from benchmarks.curves import LAYOUT_ORACLES, LayoutOracleEncoder
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOPipeline
 from trl_noise_ppo.evaluation import interval
 from trl_noise_ppo.shapes import RECOMMENDED_GUIDANCE_SCALES, ShapesJudge, balanced_prompts, load_shapes_pipeline, parse_caption
@@ -30,12 +30,12 @@ class GainByKindArguments:
 
 
 def load_generator(folder: str, pipe, captions: list[str]) -> NoiseGenerator:
-    oracle = next((name for name in LAYOUT_ORACLES if f"budget-{name}-" in folder), None)
+    oracle = next((oracle for name, oracle in LAYOUT_ORACLES.items() if f"budget-{name}-" in folder), None)
     if oracle is None:
         return NoiseGenerator.from_pretrained(folder)
     generator = NoiseGenerator(NoiseGeneratorConfig.from_pretrained(folder))
     generator.grid_encoder = LayoutOracleEncoder(generator.grid_encoder, pipe, captions,
-                                                 with_embeddings=LAYOUT_ORACLES[oracle][0], label_of=oracle_labels(oracle))
+                                                 with_embeddings=oracle.with_embeddings, label_of=oracle.label_of)
     generator.load_state_dict(safetensors.torch.load_file(f"{folder}/model.safetensors"))
     return generator
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.curves import LAYOUT_ORACLES, VARIANTS, LayoutOracleEncoder, count_of, layout_of, oracle_labels
+from benchmarks.curves import LAYOUT_ORACLES, VARIANTS, LayoutOracleEncoder, count_of, layout_of
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_injection import prompt_conditioning
 from trl_noise_ppo.shapes import balanced_prompts, held_out_prompts, load_shapes_pipeline, training_prompts
@@ -37,8 +37,8 @@ def test_count_oracle_tells_counts_apart_and_nothing_else():
     pipe = load_shapes_pipeline()
     captions = ["four yellow triangles", "four blue circles", "two red squares", "a yellow square on the right",
                 "a white square left of a blue circle left of a yellow triangle"]
-    assert oracle_labels("count_oracle+beta=0+project_to_shell") is count_of
-    assert oracle_labels("layout_oracle+beta=0+project_to_shell") is layout_of
+    assert LAYOUT_ORACLES["count_oracle+beta=0+project_to_shell"].label_of is count_of
+    assert LAYOUT_ORACLES["layout_oracle+beta=0+project_to_shell"].label_of is layout_of
     config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=pipe.text_encoder.config.hidden_size)
     encoder = LayoutOracleEncoder(NoiseGenerator(config).grid_encoder, pipe, captions, label_of=count_of)
     embeds = prompt_conditioning(pipe, [{"prompt": caption} for caption in captions])["prompt_embeds"]
@@ -65,7 +65,7 @@ def test_every_variant_sets_fields_of_the_config(tmp_path):
         config = NoisePPOConfig(output_dir=str(tmp_path), **overrides)  # an unknown field raises TypeError
         assert all(getattr(config, field) == value for field, value in overrides.items()), name
     assert VARIANTS["layout_oracle+beta=0"] == {"beta": 0.0}
-    assert all(VARIANTS[name] == overrides for name, (_, overrides) in LAYOUT_ORACLES.items())
+    assert all(VARIANTS[name] == oracle.overrides for name, oracle in LAYOUT_ORACLES.items())
     assert VARIANTS["prompt_clusters+beta=0"] == {"generator_architecture": "prompt_clusters", "beta": 0.0}
 
 
