@@ -52,5 +52,6 @@ def main() -> None:
             by_kind[kind].append(purity[cluster])
         print(f"| {k} | {' | '.join(f'{sum(by_kind[kind]) / len(by_kind[kind]):.2f}' for kind in kinds)} |", flush=True)
 
+
 if __name__ == "__main__":
     main()
