@@ -121,6 +121,8 @@ VARIANTS.update({
     "prompt_clusters+beta=0+learn_sigma": {**PROMPT_CLUSTERS, "beta": 0.0, "learn_sigma": True},
     "prompt_clusters+beta=0+generator_grid_size=4": {**PROMPT_CLUSTERS, "beta": 0.0, "generator_grid_size": 4},
     "prompt_clusters+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.0, "project_to_shell": True},
+    "prompt_clusters+beta=0+project_to_shell+rank_rewards": {**PROMPT_CLUSTERS, "beta": 0.0, "project_to_shell": True,
+                                                             "rank_rewards": True},
     "prompt_clusters+project_to_shell": {**PROMPT_CLUSTERS, "project_to_shell": True},
     "prompt_clusters+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.005, "project_to_shell": True},
     "prompt_clusters=24+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 24, "beta": 0.0,
