@@ -13,8 +13,8 @@ then `curves.md` / `curves.png` from every row found in `--output_dir`:
   training prompts, judged on those prompts; and each of the 8 prompts trained alone with the queries per prompt the
   8-prompt run gave it, judged prompt by prompt.
 - `references`: the base model's best-of-N (N noises per prompt, the training reward keeps one: N samplings and N
-  reward calls per image) and per-prompt search (the cross-entropy method on the mean of N(mu, I), on each of 8
-  held-out prompts on its own), judged on the same prompts.
+  reward calls per image; its gain by that reward too) and per-prompt search (the cross-entropy method on the mean of
+  N(mu, I), on each of `--search_prompts` held-out prompts on its own), judged on the same prompts.
 
 `--variant` trains with other settings (`VARIANTS`). `layout_oracle` is a ceiling, not a feature: the same learner
 with the generator reading each prompt's layout (its kind, where a single object is, how many a count has: 12
@@ -121,8 +121,6 @@ VARIANTS.update({
     "prompt_clusters+beta=0+learn_sigma": {**PROMPT_CLUSTERS, "beta": 0.0, "learn_sigma": True},
     "prompt_clusters+beta=0+generator_grid_size=4": {**PROMPT_CLUSTERS, "beta": 0.0, "generator_grid_size": 4},
     "prompt_clusters+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.0, "project_to_shell": True},
-    "prompt_clusters+beta=0+project_to_shell+rank_rewards": {**PROMPT_CLUSTERS, "beta": 0.0, "project_to_shell": True,
-                                                             "rank_rewards": True},
     "prompt_clusters+project_to_shell": {**PROMPT_CLUSTERS, "project_to_shell": True},
     "prompt_clusters+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "beta": 0.005, "project_to_shell": True},
     "prompt_clusters=24+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_num_clusters": 24, "beta": 0.0,
@@ -178,7 +176,7 @@ class CurvesArguments:
     prompt_count_queries: int = 6400
     prompt_count_images: int = 2048
     best_of: list[int] = field(default_factory=lambda: [2, 4, 8])
-    search_prompts: int = 8
+    search_prompts: int = field(default=8, metadata={"help": "Held-out prompts per-prompt search runs on; 0 runs none."})
     search_iterations: int = 20
     search_population: int = 64
     threads: int = 1
@@ -301,8 +299,12 @@ def references(args: CurvesArguments, pipe) -> None:
             for n in args.best_of:
                 pick = rewards[:n].argmax(dim=0)
                 gain = judged[:n].gather(0, pick[None])[0] - judged[0]
+                reward_gain = rewards[:n].gather(0, pick[None])[0] - rewards[0]
                 append_row(args.output_dir, "references", {"method": f"best-of-{n}", "reward": reward_name, "steps": steps,
-                                                           "inference_cost": n, "held-out gain": interval_row(gain)})
+                                                           "inference_cost": n, "held-out gain": interval_row(gain),
+                                                           "held-out reward gain": interval_row(reward_gain)})
+            if not args.search_prompts:
+                continue
             # per-prompt search: CEM on the mean of N(mu, I), each held-out prompt on its own
             prompts = list(dict.fromkeys(held_out))[: args.search_prompts]
             generator = torch.Generator().manual_seed(2)
@@ -422,12 +424,14 @@ def report(output_dir: str) -> None:
     references_rows = read_rows(output_dir, "references")
     if references_rows:
         lines += ["", "## References (held-out prompts, judged; 95% intervals over images)", "",
-                  "| method | selected / searched by | steps | cost | held-out judged gain |", "|---|---|---|---|---|"]
+                  "| method | selected / searched by | steps | cost | held-out judged gain | held-out gain of that reward |",
+                  "|---|---|---|---|---|---|"]
         for row in references_rows:
             cost = (f"{row['inference_cost']}x inference" if "inference_cost" in row
                     else f"{row['queries_per_prompt']:,} queries per prompt, {row['prompts']} prompts")
-            gain = row["held-out gain"]
-            lines.append(f"| {row['method']} | {row['reward']} | {row['steps']} | {cost} | {gain['mean']:+.3f} ± {gain['ci95']:.3f} |")
+            gain, reward_gain = row["held-out gain"], row.get("held-out reward gain")
+            reward_cell = f"{reward_gain['mean']:+.3f} ± {reward_gain['ci95']:.3f}" if reward_gain else ""
+            lines.append(f"| {row['method']} | {row['reward']} | {row['steps']} | {cost} | {gain['mean']:+.3f} ± {gain['ci95']:.3f} | {reward_cell} |")
     with open(os.path.join(output_dir, "curves.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -2,7 +2,9 @@
 
 import torch
 
-from benchmarks.curves import LAYOUT_ORACLES, VARIANTS, LayoutOracleEncoder, count_of, layout_of
+from benchmarks.curves import (
+    LAYOUT_ORACLES, VARIANTS, CurvesArguments, LayoutOracleEncoder, count_of, layout_of, read_rows, references,
+)
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_injection import prompt_conditioning
 from trl_noise_ppo.shapes import balanced_prompts, held_out_prompts, load_shapes_pipeline, training_prompts
@@ -86,3 +88,16 @@ def test_gain_by_kind_reloads_a_saved_layout_oracle_generator_with_its_weights(t
         means = generator(prompt_embeds=embeds).mean
         assert means.abs().sum() > 0
         assert torch.equal(loaded(prompt_embeds=embeds).mean, means)
+
+
+def test_best_of_n_reports_the_gain_of_the_reward_that_picks(tmp_path):
+    args = CurvesArguments(output_dir=str(tmp_path), steps=[1], rewards=["shapes_alignment"], images_per_set=16,
+                           best_of=[1, 4], search_prompts=0)
+    pipe = load_shapes_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    references(args, pipe)
+    rows = {row["method"]: row for row in read_rows(str(tmp_path), "references")}
+    assert sorted(rows) == ["best-of-1", "best-of-4"]  # search_prompts=0 runs no per-prompt search
+    # the first noise alone is the base model; keeping the best of four by a reward never lowers that reward
+    assert rows["best-of-1"]["held-out reward gain"]["mean"] == 0 and rows["best-of-1"]["held-out gain"]["mean"] == 0
+    assert rows["best-of-4"]["held-out reward gain"]["mean"] > 0

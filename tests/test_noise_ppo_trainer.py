@@ -70,36 +70,6 @@ def test_group_advantages_normalise_within_each_prompt_group():
     assert group_advantages(torch.tensor([0.0, 100.0, 0.0, 0.0]), 4, clip=1.5).max() == 1.5
 
 
-def test_ranked_advantages_keep_only_the_order_of_each_groups_rewards():
-    nan = float("nan")
-    rewards = torch.tensor([0.1, 0.2, 100.0, 5.0, 5.0, 1.0, 3.0, nan, 2.0])
-    ranked = group_advantages(rewards, num_generations=3, clip=5.0, rank=True).view(3, 3)
-    evenly_spaced = group_advantages(torch.tensor([0.0, 1.0, 2.0]), 3, clip=5.0)
-    # an outlier counts as one place above the others, no more
-    torch.testing.assert_close(ranked[0], evenly_spaced)
-    # ties share the mean of their ranks; an unscored sample is neither ranked nor given an advantage
-    torch.testing.assert_close(ranked[1], group_advantages(torch.tensor([1.5, 1.5, 0.0]), 3, clip=5.0))
-    torch.testing.assert_close(ranked[2], group_advantages(torch.tensor([1.0, nan, 0.0]), 3, clip=5.0))
-    # a 0/1 reward is already its own ranking
-    successes = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
-    torch.testing.assert_close(group_advantages(successes, 4, 5.0, rank=True), group_advantages(successes, 4, 5.0), atol=1e-3, rtol=0)
-
-
-def test_rank_rewards_reaches_the_rollouts_advantages(tmp_path):
-    def outlier(images, prompts, **kwargs):  # one image per group scores far above the rest
-        return [100.0 if i % 4 == 0 else float(v) for i, v in enumerate(images.mean(dim=(1, 2, 3)))]
-
-    batch = [{"prompt": p} for p in ["a red circle"] * 4 + ["a blue square"] * 4]
-    advantages = {}
-    for rank in (False, True):
-        trainer = NoisePPOTrainer(build_pipeline("sd"), outlier, args=make_config(tmp_path, max_steps=1, rank_rewards=rank),
-                                  train_dataset=PROMPTS)
-        advantages[rank] = trainer._sample_and_score(batch)["advantages"].view(2, 4)
-    # normalised rewards: the outlier takes the whole spread and the other three are near-equal; ranks space all four
-    assert (advantages[False][:, 1:].max(dim=1).values - advantages[False][:, 1:].min(dim=1).values).max() < 0.01
-    torch.testing.assert_close(advantages[True].sort(dim=1).values, group_advantages(torch.arange(8.0) % 4, 4, 5.0).view(2, 4))
-
-
 # ---- training ----
 
 

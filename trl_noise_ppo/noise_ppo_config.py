@@ -99,10 +99,6 @@ class NoisePPOConfig(_BaseConfig):
             trained on. `0` never compares.
         advantage_clip (`float`, *optional*, defaults to `5.0`):
             Group-normalised advantages are clipped to `[-advantage_clip, advantage_clip]`.
-        rank_rewards (`bool`, *optional*, defaults to `False`):
-            Replace each reward by its rank within its prompt's group before normalising (the fitness shaping of
-            evolution strategies): only the order of a group's rewards counts, not their spread, so that a learned
-            reward's outliers and saturated scores weigh no more than its other comparisons. A 0/1 reward is unchanged.
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             Weights of the reward functions. `None` weights each reward `1.0`.
         log_images_steps (`int` or `None`, *optional*, defaults to `None`):
@@ -224,9 +220,6 @@ class NoisePPOConfig(_BaseConfig):
                   "same noise (one image per prompt); 0 never."},
     )
     advantage_clip: float = field(default=5.0, metadata={"help": "Clip group-normalised advantages to +/- this."})
-    rank_rewards: bool = field(
-        default=False, metadata={"help": "Normalise each reward's rank within its prompt's group instead of the reward."}
-    )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward functions; None weights each 1.0."}
     )

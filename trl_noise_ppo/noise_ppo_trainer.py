@@ -66,20 +66,14 @@ STAGING_DIR = "tmp-save"
 CLUSTER_FIT_PROMPTS = 4096
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float, rank: bool = False) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, num_generations: int, clip: float) -> torch.Tensor:
     """
     Normalises `rewards` (one per sample, NaN where no reward was given) within consecutive groups of `num_generations`
     samples of the same prompt, then clips. Samples without reward, and groups with fewer than two rewarded samples,
-    get advantage 0. With `rank`, each reward is first replaced by its rank among its group's rewards (ties share the
-    mean of their ranks), so that only their order counts.
+    get advantage 0.
     """
     groups = rewards.view(-1, num_generations)
     valid = ~groups.isnan()
-    if rank:
-        # rank = how many of the group's rewards are below, plus half of the others equal to it (NaN compares False)
-        below = (groups[:, :, None] > groups[:, None, :]).sum(dim=2)
-        equal = (groups[:, :, None] == groups[:, None, :]).sum(dim=2) - 1
-        groups = torch.where(valid, below + equal / 2, groups)
     count = valid.sum(dim=1, keepdim=True)
     mean = groups.nan_to_num().sum(dim=1, keepdim=True) / count.clamp(min=1)
     variance = ((groups - mean).nan_to_num() ** 2).sum(dim=1, keepdim=True) / count.clamp(min=1)
@@ -511,8 +505,8 @@ class NoisePPOTrainer(_BaseTrainer):
         _warn_if_no_group_is_scored(rewards, k)
         log_images(self, images, prompts, rewards)
 
-        # A = clip((r - mean_group(r)) / std_group(r)), r its rank within the group with rank_rewards
-        advantages = group_advantages(rewards, k, self.args.advantage_clip, rank=self.args.rank_rewards)
+        # A = clip((r - mean_group(r)) / std_group(r))
+        advantages = group_advantages(rewards, k, self.args.advantage_clip)
 
         generation_batch_index = self._step // (self.args.steps_per_generation * self.args.num_iterations)
         if self.args.base_comparison_every and generation_batch_index % self.args.base_comparison_every == 0:
