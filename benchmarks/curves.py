@@ -142,19 +142,19 @@ class LayoutOracleEncoder(nn.Module):
         self.config = config = encoder.config
         # with_embeddings: the one-hot beside the pooled MLP's own (normalised) reading of the prompt
         self.embeddings_norm = encoder.mlp[0] if with_embeddings else None
-        self.layouts = sorted({label_of(caption) for caption in captions})
+        self.classes = sorted({label_of(caption) for caption in captions})
         self.register_buffer("features", torch.cat([
             prompt_conditioning(pipe, [{"prompt": caption} for caption in captions[start : start + 256]])["prompt_embeds"].float().mean(dim=1)
             for start in range(0, len(captions), 256)
         ]), persistent=False)
-        self.register_buffer("labels", torch.tensor([self.layouts.index(label_of(caption)) for caption in captions]), persistent=False)
+        self.register_buffer("labels", torch.tensor([self.classes.index(label_of(caption)) for caption in captions]), persistent=False)
         # the pooled MLP's, its LayerNorm and first layer replaced by one that reads the one-hot
-        width = len(self.layouts) + (config.prompt_embeds_dim if with_embeddings else 0)
+        width = len(self.classes) + (config.prompt_embeds_dim if with_embeddings else 0)
         self.mlp = nn.Sequential(nn.Linear(width, config.hidden_dim), *encoder.mlp[2:])
 
     def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):
         mean_embeds = prompt_embeds.float().mean(dim=1)
-        features = nn.functional.one_hot(self.labels[torch.cdist(mean_embeds, self.features).argmin(dim=1)], len(self.layouts)).float()
+        features = nn.functional.one_hot(self.labels[torch.cdist(mean_embeds, self.features).argmin(dim=1)], len(self.classes)).float()
         if self.embeddings_norm is not None:
             features = torch.cat([features, self.embeddings_norm(mean_embeds)], dim=-1)
         grid = self.mlp(features)
@@ -298,11 +298,13 @@ def references(args: CurvesArguments, pipe) -> None:
             judged = torch.stack([torch.tensor(judge(images=im, prompts=held_out)) for im in drawn])
             for n in args.best_of:
                 pick = rewards[:n].argmax(dim=0)
-                gain = judged[:n].gather(0, pick[None])[0] - judged[0]
-                reward_gain = rewards[:n].gather(0, pick[None])[0] - rewards[0]
+
+                def gain_of_pick(scores: torch.Tensor) -> torch.Tensor:  # the kept image's score minus the first's
+                    return scores[:n].gather(0, pick[None])[0] - scores[0]
+
                 append_row(args.output_dir, "references", {"method": f"best-of-{n}", "reward": reward_name, "steps": steps,
-                                                           "inference_cost": n, "held-out gain": interval_row(gain),
-                                                           "held-out reward gain": interval_row(reward_gain)})
+                                                           "inference_cost": n, "held-out gain": interval_row(gain_of_pick(judged)),
+                                                           "held-out reward gain": interval_row(gain_of_pick(rewards))})
             if not args.search_prompts:
                 continue
             # per-prompt search: CEM on the mean of N(mu, I), each held-out prompt on its own
