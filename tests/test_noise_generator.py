@@ -309,9 +309,9 @@ def test_kmeans_finds_separated_clusters():
     assert torch.cdist(centres, centroids).min(dim=1).values.max() < 0.2
 
 
-def _clusters_generator(num_clusters=3):
+def _clusters_generator(num_clusters=3, cluster_image_weight=0.0):
     config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=8, architecture="prompt_clusters",
-                                  num_clusters=num_clusters, grid_size=4)
+                                  num_clusters=num_clusters, cluster_image_weight=cluster_image_weight, grid_size=4)
     return NoiseGenerator(config)
 
 
@@ -351,3 +351,44 @@ def test_prompt_clusters_give_each_cluster_one_distribution_and_save_it(tmp_path
     loaded = NoiseGenerator.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(prompt_embeds=prompt_embeds).mean.flatten(1), means)
+
+
+def test_prompt_clusters_with_an_image_weight_follow_the_images_where_the_features_spread_elsewhere():
+    # Six feature axes say the prompt's colour, one its layout; the images change with the layout alone. By the
+    # features alone k-means groups by colour; with the images weighted in, by layout, and the linear readout carries
+    # that grouping to prompts it was not fitted on.
+    generator = torch.Generator().manual_seed(0)
+
+    def prompts(count):
+        colour, layout = torch.randint(0, 2, (count,), generator=generator), torch.randint(0, 2, (count,), generator=generator)
+        features = torch.randn(count, 8, generator=generator) * 0.05
+        features[:, :6] += colour[:, None]
+        features[:, 6] += layout
+        return features, colour, layout
+
+    def same_groups(clusters, labels):
+        return all((clusters[i] == clusters[j]) == (labels[i] == labels[j]) for i in range(len(labels)) for j in range(len(labels)))
+
+    features, colour, layout = prompts(40)
+    image_changes = torch.randn(40, 16, generator=generator) * 0.05 + layout[:, None].float()
+    by_both = _clusters_generator(num_clusters=2, cluster_image_weight=2.0).grid_encoder
+    by_both.fit(features, image_changes)
+    by_embeddings = _clusters_generator(num_clusters=2).grid_encoder
+    by_embeddings.fit(features)
+    fresh, _, fresh_layout = prompts(40)
+    assert same_groups(by_both.assign(features), layout) and same_groups(by_both.assign(fresh), fresh_layout)
+    assert same_groups(by_embeddings.assign(features), colour)
+    # the readout saves and loads with the weights; a generator without images keeps the buffers it always had
+    assert {"readout_weight", "readout_bias"} <= set(dict(by_both.named_buffers()))
+    assert set(dict(by_embeddings.named_buffers())) == {"fitted", "feature_shift", "feature_scale", "centroids"}
+
+
+def test_prompt_clusters_are_fitted_on_what_their_image_weight_names():
+    with pytest.raises(ValueError, match="cluster_image_weight must be a finite number >= 0, got -1.0"):
+        _clusters_generator(cluster_image_weight=-1.0)
+    with pytest.raises(ValueError, match="cluster_image_weight must be a finite number >= 0, got nan"):
+        _clusters_generator(cluster_image_weight=float("nan"))
+    with pytest.raises(ValueError, match="cluster_image_weight=2.0 is fitted with image_changes"):
+        _clusters_generator(cluster_image_weight=2.0).grid_encoder.fit(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="cluster_image_weight=0.0 is fitted on the features alone"):
+        _clusters_generator().grid_encoder.fit(torch.randn(6, 8), torch.randn(6, 4))

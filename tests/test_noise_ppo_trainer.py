@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from trl_noise_ppo import noise_ppo_trainer as trainer_module
 from trl_noise_ppo.noise_injection import generator_inputs
+from trl_noise_ppo.noise_generator import CLUSTER_PROBE_NOISES, kmeans
 from trl_noise_ppo.noise_ppo_trainer import group_advantages
 from trl_noise_ppo.rewards import HTTPReward, MissingWeightsError
 from trl_noise_ppo.shapes import ShapesAlignmentReward, load_shapes_pipeline, training_prompts
@@ -480,6 +481,8 @@ TWO_PROMPTS = [{"prompt": p} for p in ["a red circle"] * 4 + ["a blue square"] *
         (dict(sample_batch_size=-4), "sample_batch_size must be at least 1"),
         (dict(max_steps=0), "max_steps=0 would train nothing"),
         (dict(generator_architecture="pooled-mlp"), r"generator_architecture must be one of \['pooled_mlp', 'prompt_clusters', 'token_attention'\], got 'pooled-mlp'"),
+        (dict(generator_cluster_image_weight=-1.0), r"generator_cluster_image_weight must be a finite number >= 0 .*got -1.0"),
+        (dict(generator_cluster_image_weight=float("nan")), r"generator_cluster_image_weight must be a finite number >= 0 .*got nan"),
     ],
 )
 def test_config_refuses_non_finite_and_out_of_range_values(tmp_path, overrides, message):
@@ -1124,7 +1127,7 @@ def test_a_prompt_clusters_generator_is_fitted_on_the_training_prompts_once(tmp_
     encoder = trainer.model.grid_encoder
     assert bool(encoder.fitted)
     # each of the two centroids is the mean of some of the four prompts' standardised features
-    features = trainer._prompt_features(pipe, PROMPTS, trainer.model.config, config)
+    features = trainer._prompt_features(pipe, PROMPTS, list(range(len(PROMPTS))), trainer.model.config, config)
     standardised = (features - encoder.feature_shift.cpu()) / encoder.feature_scale.cpu()
     assignment = torch.cdist(standardised, encoder.centroids.cpu()).argmin(dim=1)
     for cluster in range(2):
@@ -1135,6 +1138,40 @@ def test_a_prompt_clusters_generator_is_fitted_on_the_training_prompts_once(tmp_
     other = Dataset.from_dict({"prompt": ["a white cat", "a black dog", "a grey bird", "a brown cow"]})
     again = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=other, noise_generator=trainer.model)
     assert torch.equal(again.model.grid_encoder.centroids, fitted)
+
+
+def test_prompt_clusters_with_an_image_weight_group_prompts_by_their_embeddings_and_images_together(tmp_path):
+    pipe = build_pipeline("sd")
+    prompts = ["a red circle", "a red circle", "a blue square", "a green triangle", "a yellow star", "a white cat"]
+    dataset = Dataset.from_dict({"prompt": prompts})
+    config = make_config(tmp_path, generator_architecture="prompt_clusters", generator_cluster_image_weight=2.0,
+                         generator_num_clusters=3, generator_grid_size=2, max_steps=1)
+    trainer = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=dataset)
+    rows = list(range(len(prompts)))
+    changes = trainer._prompt_image_changes(pipe, dataset, rows, trainer.model.config, config, trainer.noise_dtype)
+    assert changes.shape == (6, CLUSTER_PROBE_NOISES * 2 * 2)
+    # a prompt changes its images the same way each time, and unlike another prompt; the empty prompt changes nothing
+    assert torch.equal(changes[0], changes[1]) and not torch.allclose(changes[0], changes[2])
+    with_empty = Dataset.from_dict({"prompt": ["a red circle", ""]})
+    empty_row = trainer._prompt_image_changes(pipe, with_empty, [0, 1], trainer.model.config, config, trainer.noise_dtype)[1]
+    torch.testing.assert_close(empty_row, torch.zeros(CLUSTER_PROBE_NOISES * 4), atol=1e-5, rtol=0)
+    # the readout gives each training prompt the cluster k-means gave its standardised features and image changes,
+    # each block scaled to the same total variance and the images' weighted by 2
+    features = trainer._prompt_features(pipe, dataset, rows, trainer.model.config, config)
+
+    def standardise(values):
+        return (values - values.mean(dim=0)) / (values.std(dim=0) + 1e-6)
+
+    both = torch.cat([standardise(features) / features.shape[1] ** 0.5, 2 * standardise(changes) / changes.shape[1] ** 0.5], dim=1)
+    labels = torch.cdist(both, kmeans(both, 3)).argmin(dim=1)
+    assigned = trainer.model.grid_encoder.assign(features.to(trainer.model.device)).cpu()
+    assert len(set(labels.tolist())) == 3
+    assert all((assigned[i] == assigned[j]) == (labels[i] == labels[j]) for i in rows for j in rows)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "generator"))
+    loaded = NoiseGenerator.from_pretrained(str(tmp_path / "generator"))
+    assert loaded.config.cluster_image_weight == 2.0
+    assert torch.equal(loaded.grid_encoder.assign(features), assigned)
 
 
 def test_more_prompt_clusters_than_training_prompts_is_refused(tmp_path):

@@ -45,6 +45,15 @@ class NoiseGeneratorConfig(PreTrainedConfig):
             table for measurements.
         num_clusters (`int`, *optional*, defaults to `12`):
             For `"prompt_clusters"` only: how many clusters of prompts share a grid.
+        cluster_image_weight (`float`, *optional*, defaults to `0.0`):
+            For `"prompt_clusters"` only: how much where each training prompt changes the frozen pipeline's images
+            (from the images of `CLUSTER_PROBE_NOISES` fixed noises, against the empty prompt's) counts beside its
+            features when k-means groups the prompts. `0` groups them by their features alone. Above 0, the two are
+            standardised, each scaled to the same total variance and the images' multiplied by this weight, so that
+            prompts that read alike and put things in the same places share a grid (single objects by where they
+            stand, which their embeddings do not tell apart); a linear readout fitted on the training prompts'
+            features then assigns any prompt its cluster from its features alone, so inference costs nothing more.
+            Fitting costs `CLUSTER_PROBE_NOISES` images per training prompt. The docs measure `2`.
         hidden_dim (`int`, *optional*, defaults to `256`):
             Width of the MLP, or of the attention, that reads the prompt.
         grid_size (`int`, *optional*, defaults to `8`):
@@ -74,6 +83,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         pipeline_class: str | None = None,
         architecture: str = "pooled_mlp",
         num_clusters: int = 12,
+        cluster_image_weight: float = 0.0,
         hidden_dim: int = 256,
         grid_size: int = 8,
         grid_channels: int = 64,
@@ -90,6 +100,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self.pipeline_class = pipeline_class
         self.architecture = architecture
         self.num_clusters = num_clusters
+        self.cluster_image_weight = cluster_image_weight
         self.hidden_dim = hidden_dim
         self.grid_size = grid_size
         self.grid_channels = grid_channels
@@ -225,40 +236,80 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 50) -> torch.Tensor:
     return centroids
 
 
+# With cluster_image_weight > 0: the fixed noises whose images, per training prompt, say where the prompt acts
+CLUSTER_PROBE_NOISES = 4
+
+
 class PromptClustersGridEncoder(nn.Module):
-    """Prompt -> grid by the prompt's cluster: the nearest of `num_clusters` k-means centroids of the training
-    prompts' standardised features, each cluster with one learned grid. A network that reads the embeddings fits
-    each prompt's own noisy step; clusters make prompts that read alike share theirs (docs/benchmarks.md)."""
+    """Prompt -> grid by the prompt's cluster, each cluster with one learned grid: the nearest of `num_clusters`
+    centroids to the prompt's standardised features `z`. With `cluster_image_weight=0` the centroids are the k-means
+    centroids of the training prompts' `z`. Above 0, k-means groups the training prompts by `z` and by where they
+    change the pipeline's images together, a ridge regression of those clusters' one-hot on `z` gives the readout
+    `s = W z + b`, and the centroids are the one-hot vectors themselves: the nearest is the argmax of `s`. A network
+    that reads the embeddings fits each prompt's own noisy step; clusters make prompts alike share theirs
+    (docs/benchmarks.md)."""
 
     def __init__(self, config: NoiseGeneratorConfig):
         super().__init__()
+        if not config.cluster_image_weight >= 0 or math.isinf(config.cluster_image_weight):
+            raise ValueError(f"cluster_image_weight must be a finite number >= 0, got {config.cluster_image_weight}.")
         self.config = config
         dim = conditioning_dim(config)
         # buffers, so that the clusters save, load and push with the weights
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("feature_shift", torch.zeros(dim))
         self.register_buffer("feature_scale", torch.ones(dim))
-        self.register_buffer("centroids", torch.zeros(config.num_clusters, dim))
+        by_images = config.cluster_image_weight > 0
+        self.register_buffer("centroids", torch.zeros(config.num_clusters, config.num_clusters if by_images else dim))
+        if by_images:
+            self.register_buffer("readout_weight", torch.zeros(config.num_clusters, dim))
+            self.register_buffer("readout_bias", torch.zeros(config.num_clusters))
         self.templates = nn.Linear(config.num_clusters, config.grid_channels * config.grid_size**2)
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> None:
-        """Fits the centroids on the training prompts' features (`pooled_features`, one row per prompt)."""
+    def fit(self, features: torch.Tensor, image_changes: torch.Tensor | None = None) -> None:
+        """Fits the clusters on the training prompts' features (`pooled_features`, one row per prompt) and, with
+        `cluster_image_weight` above 0, on where each prompt changes the pipeline's images (one row per prompt; see
+        `NoisePPOTrainer`)."""
         if len(features) < self.config.num_clusters:
             raise ValueError(
                 f"The prompt_clusters generator has num_clusters={self.config.num_clusters} but was given "
                 f"{len(features)} training prompts to fit them on: give more prompts or fewer clusters "
                 "(generator_num_clusters)."
             )
+        weight = self.config.cluster_image_weight
+        if (image_changes is None) != (weight == 0):
+            raise ValueError(
+                f"A prompt_clusters generator with cluster_image_weight={weight} is fitted "
+                + ("with image_changes, one row per prompt." if image_changes is None else "on the features alone.")
+            )
         features = features.float().to(self.centroids.device)
         self.feature_shift.copy_(features.mean(dim=0))
         self.feature_scale.copy_(features.std(dim=0).nan_to_num(0.0) + 1e-6)
-        self.centroids.copy_(kmeans((features - self.feature_shift) / self.feature_scale, self.config.num_clusters))
+        standardised = (features - self.feature_shift) / self.feature_scale
+        if image_changes is None:
+            self.centroids.copy_(kmeans(standardised, self.config.num_clusters))
+        else:
+            # each block divided by the root of its width, so that both have the same total variance before the weight
+            image_changes = image_changes.float().flatten(1).cpu()
+            image_changes = (image_changes - image_changes.mean(dim=0)) / (image_changes.std(dim=0).nan_to_num(0.0) + 1e-6)
+            both = torch.cat([standardised.cpu() / standardised.shape[1] ** 0.5,
+                              weight * image_changes / image_changes.shape[1] ** 0.5], dim=1)
+            clusters = torch.cdist(both, kmeans(both, self.config.num_clusters)).argmin(dim=1)
+            # ridge regression, with a unit penalty, of the clusters' one-hot on [z, 1]
+            inputs = torch.cat([standardised.cpu(), torch.ones(len(standardised), 1)], dim=1)
+            one_hot = nn.functional.one_hot(clusters, self.config.num_clusters).float()
+            solution = torch.linalg.solve(inputs.T @ inputs + torch.eye(inputs.shape[1]), inputs.T @ one_hot)
+            self.readout_weight.copy_(solution[:-1].T)
+            self.readout_bias.copy_(solution[-1])
+            self.centroids.copy_(torch.eye(self.config.num_clusters))
         self.fitted.fill_(True)
 
     def assign(self, features: torch.Tensor) -> torch.Tensor:
         """The index of each prompt's nearest centroid, from its `pooled_features`."""
         features = (features.float() - self.feature_shift.float()) / self.feature_scale.float()
+        if self.config.cluster_image_weight > 0:
+            features = features @ self.readout_weight.float().T + self.readout_bias.float()
         return torch.cdist(features, self.centroids.float()).argmin(dim=1)
 
     def forward(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask):

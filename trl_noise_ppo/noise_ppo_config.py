@@ -126,6 +126,12 @@ class NoisePPOConfig(_BaseConfig):
         generator_num_clusters (`int`, *optional*, defaults to `12`):
             For `generator_architecture="prompt_clusters"`: the number of clusters. At most the number of training
             prompts.
+        generator_cluster_image_weight (`float`, *optional*, defaults to `0.0`):
+            For `generator_architecture="prompt_clusters"`: how much where each training prompt changes the frozen
+            pipeline's images counts beside its embeddings when the prompts are grouped
+            (`NoiseGeneratorConfig.cluster_image_weight`). `0` groups them by their embeddings alone; `2` also groups
+            single objects by where they stand (4 images per training prompt, once, before the first step; nothing
+            more at inference). Measured in docs/benchmarks.md.
         generator_hidden_dim (`int`, *optional*, defaults to `256`):
             Width of the MLP of a new generator that reads the prompt embedding.
         generator_grid_size (`int`, *optional*, defaults to `8`):
@@ -242,6 +248,11 @@ class NoisePPOConfig(_BaseConfig):
     generator_num_clusters: int = field(
         default=12, metadata={"help": "Clusters of training prompts of a new prompt_clusters generator."}
     )
+    generator_cluster_image_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of where each training prompt changes the pipeline's images when a new prompt_clusters "
+                          "generator groups the prompts (0: by their embeddings alone)."},
+    )
     generator_hidden_dim: int = field(default=256, metadata={"help": "Width of a new generator's prompt reader."})
     generator_grid_size: int = field(default=8, metadata={"help": "Side of a new generator's coarse grid."})
     generator_grid_channels: int = field(default=64, metadata={"help": "Channels of a new generator's grid."})
@@ -340,6 +351,11 @@ class NoisePPOConfig(_BaseConfig):
         if self.generator_architecture not in GRID_ENCODERS:
             raise ValueError(
                 f"generator_architecture must be one of {sorted(GRID_ENCODERS)}, got {self.generator_architecture!r}."
+            )
+        if not 0 <= self.generator_cluster_image_weight < math.inf:
+            raise ValueError(
+                f"generator_cluster_image_weight must be a finite number >= 0 (0 groups prompts by their embeddings "
+                f"alone), got {self.generator_cluster_image_weight}."
             )
         if self.loss_type not in ("natural_step", "ppo_clip"):
             raise ValueError(f"loss_type must be 'natural_step' or 'ppo_clip', got {self.loss_type!r}.")

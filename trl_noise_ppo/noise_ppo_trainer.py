@@ -37,7 +37,14 @@ from trl.trainer.utils import RepeatSampler, get_callable_name, get_comet_experi
 from . import __version__
 from .evaluation import evaluation_metrics, paired_result, results_from_metrics, results_table, with_card_section
 from .image_logging import log_images
-from .noise_generator import NoiseGenerator, PromptClustersGridEncoder, load_noise_generator, pipeline_noise, pooled_features
+from .noise_generator import (
+    CLUSTER_PROBE_NOISES,
+    NoiseGenerator,
+    PromptClustersGridEncoder,
+    load_noise_generator,
+    pipeline_noise,
+    pooled_features,
+)
 from .noise_injection import (
     call_parameters,
     check_generator_fits,
@@ -335,6 +342,7 @@ class NoisePPOTrainer(_BaseTrainer):
                     example_embeds,
                     architecture=args.generator_architecture,
                     num_clusters=args.generator_num_clusters,
+                    cluster_image_weight=args.generator_cluster_image_weight,
                     hidden_dim=args.generator_hidden_dim,
                     grid_size=args.generator_grid_size,
                     grid_channels=args.generator_grid_channels,
@@ -345,7 +353,13 @@ class NoisePPOTrainer(_BaseTrainer):
         check_generator_fits(noise_generator.config, noise_spec, example_embeds, pipeline)
         grid_encoder = getattr(noise_generator, "grid_encoder", None)
         if isinstance(grid_encoder, PromptClustersGridEncoder) and not grid_encoder.fitted:
-            grid_encoder.fit(self._prompt_features(pipeline, train_dataset, noise_generator.config, args))
+            rows = list(range(0, len(train_dataset), math.ceil(len(train_dataset) / CLUSTER_FIT_PROMPTS)))
+            features = self._prompt_features(pipeline, train_dataset, rows, noise_generator.config, args)
+            if noise_generator.config.cluster_image_weight > 0:
+                image_changes = self._prompt_image_changes(pipeline, train_dataset, rows, noise_generator.config, args, noise_spec.dtype)
+                grid_encoder.fit(features, image_changes)
+            else:
+                grid_encoder.fit(features)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -681,16 +695,46 @@ class NoisePPOTrainer(_BaseTrainer):
 
     @staticmethod
     @torch.no_grad()
-    def _prompt_features(pipeline, train_dataset, config, args) -> torch.Tensor:
-        """What a prompt_clusters generator reads of each training prompt, from at most `CLUSTER_FIT_PROMPTS` rows
-        spread evenly over the dataset."""
-        rows = list(range(0, len(train_dataset), math.ceil(len(train_dataset) / CLUSTER_FIT_PROMPTS)))
+    def _prompt_features(pipeline, train_dataset, rows: list[int], config, args) -> torch.Tensor:
+        """What a prompt_clusters generator reads of the training prompts in `rows` (at most `CLUSTER_FIT_PROMPTS`,
+        spread evenly over the dataset), one row per prompt."""
         features = []
         for start in range(0, len(rows), 64):
             examples = [train_dataset[i] for i in rows[start : start + 64]]
             inputs = generator_inputs(prompt_conditioning(pipeline, examples, **args.pipeline_kwargs))
             features.append(pooled_features(config, **inputs).cpu())
         return torch.cat(features)
+
+    @classmethod
+    @torch.no_grad()
+    def _prompt_image_changes(cls, pipeline, train_dataset, rows: list[int], config, args, noise_dtype) -> torch.Tensor:
+        """Where each training prompt in `rows` changes the frozen pipeline's images, for a prompt_clusters generator
+        with `cluster_image_weight` above 0: over `CLUSTER_PROBE_NOISES` fixed noises, the per-pixel distance (over
+        colour channels) between the prompt's image and the empty prompt's for the same noise, averaged over cells of
+        the generator's grid; `(prompts, CLUSTER_PROBE_NOISES * grid_size**2)`."""
+        eps = torch.randn((CLUSTER_PROBE_NOISES, *config.noise_shape), generator=torch.Generator().manual_seed(0))
+        eps = eps.to(pipeline.device, noise_dtype)
+        # as many images per pipeline call as training samples per call
+        prompts_per_call = max(1, (args.sample_batch_size or args.per_device_train_batch_size) // CLUSTER_PROBE_NOISES)
+
+        def images(examples: list[dict]) -> torch.Tensor:
+            embeds = repeat_rows(prompt_conditioning(pipeline, examples, **args.pipeline_kwargs), CLUSTER_PROBE_NOISES)
+            output = pipeline(
+                **cls._pipeline_kwargs(args, pipeline, embeds),
+                latents=eps.repeat(len(examples), *[1] * (eps.ndim - 1)),
+                generator=torch.Generator().manual_seed(0),
+            )
+            result = images_in_unit_range(pipeline, output[0].float())
+            _check_images_are_finite(result, pipeline)
+            return result.view(len(examples), CLUSTER_PROBE_NOISES, *result.shape[1:])
+
+        empty_prompt = images([{**train_dataset[rows[0]], "prompt": ""}])
+        changes = []
+        for start in range(0, len(rows), prompts_per_call):
+            distance = (images([train_dataset[i] for i in rows[start : start + prompts_per_call]]) - empty_prompt).norm(dim=2)
+            cells = nn.functional.adaptive_avg_pool2d(distance, config.grid_size)
+            changes.append(cells.flatten(1).cpu())
+        return torch.cat(changes)
 
     def _generator_noise(self, embeds: dict, eps: torch.Tensor) -> torch.Tensor:
         """The noise the pipeline gets from the current generator for the unit noise `eps` (`len(eps) // len(prompts)`
