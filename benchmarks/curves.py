@@ -131,6 +131,8 @@ VARIANTS.update({
                                                       "project_to_shell": True},
     "prompt_clusters+images=2+beta=0+project_to_shell": {**PROMPT_CLUSTERS, "generator_cluster_image_weight": 2.0,
                                                          "beta": 0.0, "project_to_shell": True},
+    "prompt_clusters+images=2+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "generator_cluster_image_weight": 2.0,
+                                                             "beta": 0.005, "project_to_shell": True},
 })
 
 
