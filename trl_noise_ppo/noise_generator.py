@@ -251,7 +251,7 @@ class PromptClustersGridEncoder(nn.Module):
 
     def __init__(self, config: NoiseGeneratorConfig):
         super().__init__()
-        if not config.cluster_image_weight >= 0 or math.isinf(config.cluster_image_weight):
+        if not 0 <= config.cluster_image_weight < math.inf:  # NaN fails too
             raise ValueError(f"cluster_image_weight must be a finite number >= 0, got {config.cluster_image_weight}.")
         self.config = config
         dim = conditioning_dim(config)

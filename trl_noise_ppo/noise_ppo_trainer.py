@@ -562,14 +562,16 @@ class NoisePPOTrainer(_BaseTrainer):
     def _sample_images(self, embeds: dict, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The frozen pipeline's images, in [0, 1], for one row of `embeds` per noise; stochastic schedulers draw from
         `generator`."""
-        output = self.pipeline(
-            **self._pipeline_kwargs(self.args, self.pipeline, embeds),
-            latents=noise.to(self.noise_dtype),
-            generator=generator,
-        )
+        return self._pipeline_images(self.pipeline, self.args, embeds, noise.to(self.noise_dtype), generator)
+
+    @classmethod
+    def _pipeline_images(cls, pipeline, args, embeds: dict, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`pipeline`'s images, in [0, 1], called as `args` say, for one row of `embeds` per noise (in the pipeline's
+        dtype); for the trainer's sampling and for the clusters' image probe before the trainer exists."""
+        output = pipeline(**cls._pipeline_kwargs(args, pipeline, embeds), latents=noise, generator=generator)
         # output[0]: the images, whatever the output calls them (Kandinsky 5: `image`)
-        images = images_in_unit_range(self.pipeline, output[0].float())
-        _check_images_are_finite(images, self.pipeline)
+        images = images_in_unit_range(pipeline, output[0].float())
+        _check_images_are_finite(images, pipeline)
         return images
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -719,13 +721,8 @@ class NoisePPOTrainer(_BaseTrainer):
 
         def images(examples: list[dict]) -> torch.Tensor:
             embeds = repeat_rows(prompt_conditioning(pipeline, examples, **args.pipeline_kwargs), CLUSTER_PROBE_NOISES)
-            output = pipeline(
-                **cls._pipeline_kwargs(args, pipeline, embeds),
-                latents=eps.repeat(len(examples), *[1] * (eps.ndim - 1)),
-                generator=torch.Generator().manual_seed(0),
-            )
-            result = images_in_unit_range(pipeline, output[0].float())
-            _check_images_are_finite(result, pipeline)
+            noise = eps.repeat(len(examples), *[1] * (eps.ndim - 1))
+            result = cls._pipeline_images(pipeline, args, embeds, noise, torch.Generator().manual_seed(0))
             return result.view(len(examples), CLUSTER_PROBE_NOISES, *result.shape[1:])
 
         empty_prompt = images([{**train_dataset[rows[0]], "prompt": ""}])
