@@ -16,7 +16,9 @@ then `curves.md` / `curves.png` from every row found in `--output_dir`:
   reward calls per image; its gain by that reward too) and per-prompt search (the cross-entropy method on the mean of
   N(mu, I), on each of `--search_prompts` held-out prompts on its own), judged on the same prompts.
 
-`--variant` trains with other settings (`VARIANTS`). `layout_oracle` is a ceiling, not a feature: the same learner
+`--variant` trains with other settings (`VARIANTS`); `default` is the library's defaults, and every other variant is
+measured as overrides of the defaults before them (`pooled_mlp`: one MLP on the pooled prompt embedding, a pull of
+0.02 to N(0, I), no rescaling to the shell; `benchmarks/defaults.py`). `layout_oracle` is a ceiling, not a feature: the same learner
 with the generator reading each prompt's layout (its kind, where a single object is, how many a count has: 12
 classes) from its caption instead of its embeddings, so that what it gains is what a generator gains from knowing
 which prompts share a noise template; `layout_oracle+embeddings` gives it the layout beside the prompt's embeddings,
@@ -50,7 +52,7 @@ from torch import nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
-from benchmarks.defaults import OLD_DEFAULTS  # noqa: E402
+from benchmarks.defaults import OLD_DEFAULTS, POOLED_MLP_DEFAULTS  # noqa: E402
 from trl_noise_ppo import NoisePPOConfig, NoisePPOTrainer  # noqa: E402
 from trl_noise_ppo.evaluation import interval  # noqa: E402
 from trl_noise_ppo.noise_injection import prompt_conditioning  # noqa: E402
@@ -59,9 +61,10 @@ from trl_noise_ppo.shapes import RECOMMENDED_GUIDANCE_SCALES, balanced_prompts, 
 from trl_noise_ppo.shapes.render import parse_caption  # noqa: E402
 
 
-# NoisePPOConfig overrides; "old_defaults" logs gain_over_base every batch, as the diagnostic's comparison needs
+# NoisePPOConfig overrides. Each variant but "default" was measured as overrides of the pooled_mlp defaults, which it
+# keeps (below); "old_defaults" logs gain_over_base every batch, as the diagnostic's comparison needs
 VARIANTS = {
-    "default": {},
+    "pooled_mlp": {},
     "old_defaults": {**OLD_DEFAULTS, "base_comparison_every": 1},
     "learn_sigma": {"learn_sigma": True},
     "step_size=0.25": {"step_size": 0.25},
@@ -133,7 +136,10 @@ VARIANTS.update({
                                                          "beta": 0.0, "project_to_shell": True},
     "prompt_clusters+images=2+beta=0.005+project_to_shell": {**PROMPT_CLUSTERS, "generator_cluster_image_weight": 2.0,
                                                              "beta": 0.005, "project_to_shell": True},
+    "prompt_clusters+images=2+beta=0.002+project_to_shell": {**PROMPT_CLUSTERS, "generator_cluster_image_weight": 2.0,
+                                                             "beta": 0.002, "project_to_shell": True},
 })
+VARIANTS = {"default": {}, **{name: {**POOLED_MLP_DEFAULTS, **overrides} for name, overrides in VARIANTS.items()}}
 
 
 class LayoutOracleEncoder(nn.Module):

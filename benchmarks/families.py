@@ -16,6 +16,7 @@ Run from the repository root; docs/pipelines.md holds its output (`--write` puts
 
 import argparse
 import contextlib
+import copy
 import inspect
 import io
 import re
@@ -94,6 +95,15 @@ def differences(first: torch.Tensor, second: torch.Tensor) -> float:
     return float((first.float() - second.float()).abs().max()) if first.shape == second.shape else float("inf")
 
 
+def untrained_like(config) -> NoiseGenerator:
+    """A new generator for the noise `config` is for, whose policy is N(0, I) and whose noise reaches the pipeline as
+    it is: the trainer's default generator groups prompts in clusters fitted before training and rescales its noise
+    to the shell, neither of which a new generator has."""
+    config = copy.deepcopy(config)
+    config.architecture, config.project_to_shell = "pooled_mlp", False
+    return NoiseGenerator(config)
+
+
 def check_family(family: str, extra: dict) -> dict:
     """Trains, saves and reloads a generator on the tiny build of `family`, and compares images; see the module."""
     pipe = build_pipeline(family)
@@ -128,7 +138,7 @@ def check_family(family: str, extra: dict) -> dict:
 
     seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     eps = torch.randn(1, *spec.shape, generator=torch.Generator().manual_seed(0)).to(spec.dtype)
-    untrained = NoisePPOPipeline(pipe, NoiseGenerator(config))
+    untrained = NoisePPOPipeline(pipe, untrained_like(config))
     failures = []
     negatives = [{}, {"negative_prompt": NEGATIVE_PROMPT}] if "negative_prompt" in parameters else [{}]
     negative_used = without_negative = None

@@ -48,6 +48,8 @@ class BenchmarkArguments:
     num_iterations: int | None = field(default=None, metadata={"help": "Epochs per generation batch; None: the library's default."})
     loss_type: str = field(default="natural_step", metadata={"choices": ["natural_step", "ppo_clip"]})
     base_comparison_every: int = field(default=4, metadata={"help": "As NoisePPOConfig's (0: no gain_over_base)."})
+    generator_architecture: str | None = field(
+        default=None, metadata={"help": "As NoisePPOConfig's (pooled_mlp: the defaults before); None: the library's default."})
     cycles: int = 4
     inference_repeats: int = 5
     threads: int = 2
@@ -142,11 +144,12 @@ def training_and_inference(args: BenchmarkArguments):
           f"{args.num_inference_steps} steps, {images_per_cycle} images per cycle, {torch.get_num_threads()} threads")
 
     epochs = {"num_iterations": args.num_iterations} if args.num_iterations is not None else {}
+    architecture = {"generator_architecture": args.generator_architecture} if args.generator_architecture else {}
     config = NoisePPOConfig(
         output_dir="/tmp/noise-ppo-overhead", num_inference_steps=args.num_inference_steps,
         num_generations=args.num_generations, per_device_train_batch_size=images_per_cycle, loss_type=args.loss_type,
         base_comparison_every=args.base_comparison_every, max_steps=1, save_strategy="no", report_to="none",
-        disable_tqdm=True, **epochs,
+        disable_tqdm=True, **epochs, **architecture,
     )
     # one generation cycle per base_comparison_every (or 4) cycles compares with the base pipeline: whole periods
     period = args.base_comparison_every or 1
@@ -159,7 +162,7 @@ def training_and_inference(args: BenchmarkArguments):
     # the first cycle warms both up
     # the first cycle warms both up; a mean over whole periods counts the base comparisons' cost
     cycle, bare_cycle = statistics.mean(bare.cycle_times[1:]), statistics.median(bare.bare_times[1:])
-    print(f"training ({args.loss_type}, {config.num_iterations} epochs, base comparison every {args.base_comparison_every} "
+    print(f"training ({args.loss_type}, {config.generator_architecture}, {config.num_iterations} epochs, base comparison every {args.base_comparison_every} "
           f"batches): {cycle:.3f} s per generation cycle vs {bare_cycle:.3f} s to sample and score the same "
           f"{images_per_cycle} images: ratio {cycle / bare_cycle:.3f} per training query")
 

@@ -107,6 +107,8 @@ def test_train_lora_adapters_on_a_trained_generator(tmp_path, tiny_sd, prompt_fi
     train.main(*args)
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(base)
+    # the default targets are the given generator's (a pooled_mlp one), not those of the trainer's default architecture
+    assert sorted(adapter["target_modules"]) == sorted(train.DEFAULT_LORA_TARGETS["pooled_mlp"])
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

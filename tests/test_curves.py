@@ -5,6 +5,7 @@ import torch
 from benchmarks.curves import (
     LAYOUT_ORACLES, VARIANTS, CurvesArguments, LayoutOracleEncoder, count_of, layout_of, read_rows, references,
 )
+from benchmarks.defaults import POOLED_MLP_DEFAULTS
 from trl_noise_ppo import NoiseGenerator, NoiseGeneratorConfig, NoisePPOConfig
 from trl_noise_ppo.noise_injection import prompt_conditioning
 from trl_noise_ppo.shapes import balanced_prompts, held_out_prompts, load_shapes_pipeline, training_prompts
@@ -66,9 +67,20 @@ def test_every_variant_sets_fields_of_the_config(tmp_path):
     for name, overrides in VARIANTS.items():
         config = NoisePPOConfig(output_dir=str(tmp_path), **overrides)  # an unknown field raises TypeError
         assert all(getattr(config, field) == value for field, value in overrides.items()), name
-    assert VARIANTS["layout_oracle+beta=0"] == {"beta": 0.0}
-    assert all(VARIANTS[name] == oracle.overrides for name, oracle in LAYOUT_ORACLES.items())
-    assert VARIANTS["prompt_clusters+beta=0"] == {"generator_architecture": "prompt_clusters", "beta": 0.0}
+    # every variant but the default was measured as overrides of the pooled_mlp defaults, and keeps them
+    assert VARIANTS["default"] == {} and VARIANTS["pooled_mlp"] == POOLED_MLP_DEFAULTS
+    assert VARIANTS["layout_oracle+beta=0"] == {**POOLED_MLP_DEFAULTS, "beta": 0.0}
+    assert all(VARIANTS[name] == {**POOLED_MLP_DEFAULTS, **oracle.overrides} for name, oracle in LAYOUT_ORACLES.items())
+    assert VARIANTS["prompt_clusters+beta=0"] == {**POOLED_MLP_DEFAULTS, "generator_architecture": "prompt_clusters",
+                                                  "beta": 0.0}
+
+
+def test_the_defaults_are_the_variant_they_were_chosen_from(tmp_path):
+    defaults = NoisePPOConfig(output_dir=str(tmp_path))
+    chosen = NoisePPOConfig(output_dir=str(tmp_path), **VARIANTS["prompt_clusters+images=2+beta=0+project_to_shell"])
+    assert defaults.to_dict() == {**chosen.to_dict(), "output_dir": defaults.output_dir}
+    previous = NoisePPOConfig(output_dir=str(tmp_path), **VARIANTS["pooled_mlp"])
+    assert previous.generator_architecture == "pooled_mlp" and previous.beta == 0.02 and not previous.project_to_shell
 
 
 def test_gain_by_kind_reloads_a_saved_layout_oracle_generator_with_its_weights(tmp_path):

@@ -83,9 +83,10 @@ def darkness(images, **kwargs):
 
 
 def make_config(tmp_path, **overrides):
+    # without the rescaling to the shell an untrained generator's images are the base pipeline's: its gain is exactly 0
     defaults = dict(output_dir=str(tmp_path / "out"), num_inference_steps=2, num_generations=4, per_device_train_batch_size=8,
                     num_iterations=2, max_steps=4, learning_rate=1e-3, save_strategy="no", report_to="none",
-                    disable_tqdm=True, seed=0, num_generations_eval=2, per_device_eval_batch_size=4)
+                    disable_tqdm=True, seed=0, num_generations_eval=2, per_device_eval_batch_size=4, project_to_shell=False)
     return NoisePPOConfig(**{**defaults, **overrides})
 
 

@@ -31,6 +31,7 @@ from diffusers import (
     WuerstchenPriorPipeline,
 )
 
+from benchmarks.families import untrained_like
 from tests.tiny_pipelines import (
     DEFAULT_SIZE,
     EXPECTED_LATENT_SHAPE,
@@ -110,7 +111,7 @@ def test_train_save_load_and_infer(family, tmp_path):
     assert trainer.model.head.weight.abs().sum() > 0
 
     # the untrained policy reproduces the base pipeline exactly, for the same seed and for the same eps
-    untrained = NoisePPOPipeline(pipe, NoiseGenerator(config))
+    untrained = NoisePPOPipeline(pipe, untrained_like(config))
     call = {"num_inference_steps": 2, "output_type": "pt", **call_kwargs(family)}
     seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     base = pipe(prompt="a red circle", generator=seeded(), **call)[0]
@@ -163,7 +164,7 @@ def test_kandinsky_decoder_is_conditioned_on_image_embeddings(tmp_path):
 
     call = {"num_inference_steps": 2, "output_type": "pt", **size_kwargs("kandinsky22"), **embeds}
     eps = torch.randn(1, *EXPECTED_LATENT_SHAPE["kandinsky22"][1:])
-    untrained = NoisePPOPipeline(pipe, NoiseGenerator(trainer.model.config))
+    untrained = NoisePPOPipeline(pipe, untrained_like(trainer.model.config))
     assert torch.equal(untrained(latents=eps, **call).images, pipe(latents=eps, **call).images)
     seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     assert torch.equal(untrained(generator=seeded(), **call).images, pipe(generator=seeded(), **call).images)
@@ -291,7 +292,7 @@ def test_controlnet_image_comes_from_a_dataset_column(tmp_path):
     trainer.train()
     assert trainer.model.head.weight.abs().sum() > 0
     call = {"num_inference_steps": 2, "output_type": "pt", "image": image, **size_kwargs("controlnet_sd")}
-    untrained = NoisePPOPipeline(pipe, NoiseGenerator(trainer.model.config))
+    untrained = NoisePPOPipeline(pipe, untrained_like(trainer.model.config))
     seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     base = pipe(prompt="a red circle", generator=seeded(), **call).images
     assert torch.equal(untrained(prompt="a red circle", generator=seeded(), **call).images, base)

@@ -251,14 +251,16 @@ def test_damaged_generator_folders_are_explained(tmp_path):
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=32, hidden_dim=66, architecture="token_attention"))
 
 
-def test_a_new_generator_config_defaults_to_what_the_trainer_builds():
-    """A generator built by hand and one the trainer builds from NoisePPOConfig's defaults are the same policy."""
+def test_a_new_generator_config_defaults_to_the_trainers_sizes_and_to_the_base_pipelines_noise():
+    """A generator built by hand has the sizes the trainer gives a new one; it reads the prompt with the MLP and passes
+    its noise as it is, so that untrained it is the base pipeline exactly: the trainer's default clusters need fitting on
+    training prompts, and its default rescaling to the shell changes the noise."""
     trainer_defaults = {field.name: field.default for field in dataclasses.fields(NoisePPOConfig)}
     config = NoiseGeneratorConfig()
     assert config.learn_sigma == trainer_defaults["learn_sigma"] is False
-    assert config.project_to_shell == trainer_defaults["project_to_shell"]
-    for name in ("architecture", "hidden_dim", "grid_size", "grid_channels"):
+    for name in ("hidden_dim", "grid_size", "grid_channels", "num_clusters"):
         assert getattr(config, name) == trainer_defaults[f"generator_{name}"], name
+    assert (config.architecture, config.project_to_shell, config.cluster_image_weight) == ("pooled_mlp", False, 0.0)
 
 
 def test_load_noise_generator_is_exported():
@@ -268,14 +270,19 @@ def test_load_noise_generator_is_exported():
 
 
 def test_the_method_page_states_the_generators_measured_size():
-    """docs/method.md gives the default generator's parameter count for SD 1.5 and SDXL noise."""
+    """docs/method.md gives the pooled MLP's and the trainer's default generator's parameter counts for SD 1.5 and
+    SDXL noise."""
     sizes = {}
     for name, tokens, pooled, side in (("SD 1.5", 768, None, 64), ("SDXL", 2048, 1280, 128)):
         config = NoiseGeneratorConfig(noise_shape=[4, side, side], prompt_embeds_dim=tokens, pooled_prompt_embeds_dim=pooled)
         sizes[name] = NoiseGenerator(config).num_parameters()
-    assert sizes == {"SD 1.5": 1_364_164, "SDXL": 2_061_572}
+        config = NoiseGeneratorConfig(noise_shape=[4, side, side], prompt_embeds_dim=tokens, pooled_prompt_embeds_dim=pooled,
+                                      architecture="prompt_clusters", cluster_image_weight=2.0)
+        sizes[f"{name}, clusters"] = NoiseGenerator(config).num_parameters()
+    assert sizes == {"SD 1.5": 1_364_164, "SDXL": 2_061_572, "SD 1.5, clusters": 166_340, "SDXL, clusters": 203_268}
     method = (Path(__file__).parent.parent / "docs" / "method.md").read_text()
     assert "1.36M parameters for SD 1.5 and 2.06M for SDXL" in method
+    assert "0.17M and 0.20M with the default 12 prompt clusters" in method
 
 
 def test_the_public_loader_refuses_what_load_noise_generator_refuses(tmp_path):

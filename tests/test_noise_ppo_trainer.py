@@ -957,7 +957,12 @@ def test_nan_images_are_blamed_on_the_pipeline_not_on_the_reward(tmp_path):
     pipe = build_pipeline("sd")
     # what a float16 VAE that overflows returns
     pipe.vae.decoder.register_forward_hook(lambda module, inputs, output: torch.full_like(output, float("nan")))
-    trainer = NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path, max_steps=1), train_dataset=PROMPTS)
+    # by default the clusters' image probe meets them first, before the trainer exists
+    with pytest.raises(FloatingPointError, match=r"StableDiffusionPipeline made non-finite images \(NaN or inf\) for 4 of "
+                                                 r"4 samples from finite noise.*float16"):
+        NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path, max_steps=1), train_dataset=PROMPTS)
+    config = make_config(tmp_path, max_steps=1, generator_cluster_image_weight=0.0)
+    trainer = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=PROMPTS)
     with pytest.raises(FloatingPointError, match=r"StableDiffusionPipeline made non-finite images \(NaN or inf\) for 8 of "
                                                  r"8 samples from finite noise.*float16"):
         trainer.train()
@@ -1122,7 +1127,8 @@ def test_a_reward_that_leaves_each_group_one_score_says_that_nothing_is_learned(
 
 def test_a_prompt_clusters_generator_is_fitted_on_the_training_prompts_once(tmp_path):
     pipe = build_pipeline("sd")
-    config = make_config(tmp_path, generator_architecture="prompt_clusters", generator_num_clusters=2, max_steps=2)
+    config = make_config(tmp_path, generator_architecture="prompt_clusters", generator_num_clusters=2, max_steps=2,
+                         generator_cluster_image_weight=0.0)
     trainer = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=PROMPTS)
     encoder = trainer.model.grid_encoder
     assert bool(encoder.fitted)
@@ -1174,7 +1180,14 @@ def test_prompt_clusters_with_an_image_weight_group_prompts_by_their_embeddings_
     assert torch.equal(loaded.grid_encoder.assign(features), assigned)
 
 
-def test_more_prompt_clusters_than_training_prompts_is_refused(tmp_path):
-    config = make_config(tmp_path, generator_architecture="prompt_clusters", generator_num_clusters=5)
-    with pytest.raises(ValueError, match="num_clusters=5 but was given 4 training prompts"):
-        NoisePPOTrainer(build_pipeline("sd"), brightness, args=config, train_dataset=PROMPTS)
+def test_fewer_distinct_training_prompts_than_clusters_give_each_prompt_a_cluster_of_its_own(tmp_path):
+    pipe = build_pipeline("sd")
+    config = make_config(tmp_path, generator_num_clusters=5)
+    trainer = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=PROMPTS)
+    assert trainer.model.config.num_clusters == 4
+    features = trainer._prompt_features(pipe, PROMPTS, list(range(len(PROMPTS))), trainer.model.config, config)
+    assert sorted(trainer.model.grid_encoder.assign(features).tolist()) == [0, 1, 2, 3]
+    # repeated prompts count once
+    repeated = Dataset.from_dict({"prompt": PROMPTS["prompt"][:2] * 4})
+    trainer = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=repeated)
+    assert trainer.model.config.num_clusters == 2

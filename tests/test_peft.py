@@ -10,11 +10,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from tests.tiny_pipelines import build_pipeline
 from trl_noise_ppo import NoiseGenerator, NoisePPOConfig, NoisePPOPipeline, NoisePPOTrainer
-from trl_noise_ppo.noise_generator import load_noise_generator
+from trl_noise_ppo.noise_generator import GRID_ENCODERS, NoiseGeneratorConfig, load_noise_generator
+from trl_noise_ppo.scripts.train import DEFAULT_LORA_TARGETS
 
 
 PROMPTS = Dataset.from_dict({"prompt": ["a red circle", "a blue square"]})
-LORA_TARGETS = ["grid_encoder.mlp.1", "grid_encoder.mlp.3", "head"]
+LORA_TARGETS = DEFAULT_LORA_TARGETS[NoisePPOConfig.generator_architecture]  # the generator the trainer builds by default
 
 
 def brightness(images, **kwargs):
@@ -122,3 +123,14 @@ def test_a_truncated_adapter_is_named(base_generator_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(OSError, match=f"Could not read the weights in {adapter}.*damaged or incomplete"):
         load_noise_generator(adapter)
+
+
+@pytest.mark.parametrize("architecture", sorted(GRID_ENCODERS))
+def test_the_default_lora_targets_of_each_architecture_are_its_prompt_reader_and_head(architecture):
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=16, architecture=architecture, hidden_dim=16,
+                                  grid_size=2, grid_channels=8, num_clusters=2)
+    generator = get_peft_model(NoiseGenerator(config), LoraConfig(r=2, target_modules=DEFAULT_LORA_TARGETS[architecture]))
+    adapted = {name.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.")
+               for name, _ in generator.named_parameters() if ".lora_A" in name}
+    assert adapted == set(DEFAULT_LORA_TARGETS[architecture])
+    assert any(name.startswith("grid_encoder.") for name in adapted) and "head" in adapted

@@ -334,14 +334,19 @@ class NoisePPOTrainer(_BaseTrainer):
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         if isinstance(noise_generator, str | os.PathLike):
             noise_generator = load_noise_generator(noise_generator)
+        # the prompts a prompt_clusters generator is fitted on: at most CLUSTER_FIT_PROMPTS, spread evenly over the dataset
+        cluster_rows = list(range(0, len(train_dataset), math.ceil(len(train_dataset) / CLUSTER_FIT_PROMPTS)))
         if noise_generator is None:
+            num_clusters = args.generator_num_clusters
+            if args.generator_architecture == "prompt_clusters":  # fewer distinct prompts: each a cluster of its own
+                num_clusters = min(num_clusters, len({train_dataset[i]["prompt"] for i in cluster_rows}))
             noise_generator = NoiseGenerator(
                 generator_config_for(
                     pipeline,
                     noise_spec,
                     example_embeds,
                     architecture=args.generator_architecture,
-                    num_clusters=args.generator_num_clusters,
+                    num_clusters=num_clusters,
                     cluster_image_weight=args.generator_cluster_image_weight,
                     hidden_dim=args.generator_hidden_dim,
                     grid_size=args.generator_grid_size,
@@ -353,10 +358,10 @@ class NoisePPOTrainer(_BaseTrainer):
         check_generator_fits(noise_generator.config, noise_spec, example_embeds, pipeline)
         grid_encoder = getattr(noise_generator, "grid_encoder", None)
         if isinstance(grid_encoder, PromptClustersGridEncoder) and not grid_encoder.fitted:
-            rows = list(range(0, len(train_dataset), math.ceil(len(train_dataset) / CLUSTER_FIT_PROMPTS)))
-            features = self._prompt_features(pipeline, train_dataset, rows, noise_generator.config, args)
+            features = self._prompt_features(pipeline, train_dataset, cluster_rows, noise_generator.config, args)
             if noise_generator.config.cluster_image_weight > 0:
-                image_changes = self._prompt_image_changes(pipeline, train_dataset, rows, noise_generator.config, args, noise_spec.dtype)
+                image_changes = self._prompt_image_changes(pipeline, train_dataset, cluster_rows, noise_generator.config, args,
+                                                           noise_spec.dtype)
                 grid_encoder.fit(features, image_changes)
             else:
                 grid_encoder.fit(features)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from ..noise_generator import NoiseGeneratorConfig
 from ..noise_ppo_config import NoisePPOConfig
 from ..noise_ppo_trainer import NoisePPOTrainer, check_pipeline_kwargs
 from .utils import (
@@ -30,6 +31,14 @@ from .utils import (
     reward_funcs_from_names,
 )
 
+
+# LoRA's default targets, by the generator's architecture: the layers that read the prompt into its grid, and the
+# output convolution
+DEFAULT_LORA_TARGETS = {
+    "pooled_mlp": ["grid_encoder.mlp.1", "grid_encoder.mlp.3", "head"],
+    "prompt_clusters": ["grid_encoder.templates", "head"],
+    "token_attention": ["grid_encoder.token_projection", "grid_encoder.to_grid.1", "head"],
+}
 
 # `trl-noise-ppo train` puts its command line here for the model card (the training processes see only their part)
 COMMAND_VARIABLE = "TRL_NOISE_PPO_COMMAND"
@@ -55,8 +64,9 @@ class TrainArguments:
             LoRA rank.
         lora_alpha (`int`, *optional*, defaults to `16`):
             LoRA scaling numerator.
-        lora_target_modules (`list[str]`, *optional*, defaults to the `pooled_mlp` generator's layers):
-            Names of the generator's modules that get adapters.
+        lora_target_modules (`list[str]` or `None`, *optional*, defaults to `None`):
+            Names of the generator's modules that get adapters. `None`: the layers that read the prompt into the
+            generator's grid, and its output convolution (`DEFAULT_LORA_TARGETS`, by the generator's architecture).
         eval_dataset_name (`str` or `None`, *optional*, defaults to `None`):
             Evaluation prompts, as `dataset_name` takes them (same `dataset_config`, `dataset_revision` and
             `prompt_column`). `None`: the training dataset's `eval_dataset_split`, if given.
@@ -76,9 +86,8 @@ class TrainArguments:
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters on the generator instead of all of it."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["grid_encoder.mlp.1", "grid_encoder.mlp.3", "head"],
-        metadata={"help": "Generator modules that get adapters."},
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Generator modules that get adapters; default: its prompt reader's layers and head."},
     )
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Evaluation prompts, as --dataset_name takes them; default the training dataset's split."}
@@ -128,12 +137,18 @@ def check_arguments(
     return reward_funcs, load_prompt_dataset(prompt_args), eval_dataset
 
 
-def lora_config(train_args: TrainArguments):
+def lora_config(train_args: TrainArguments, training_args: NoisePPOConfig):
     if not train_args.use_peft:
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=train_args.lora_r, lora_alpha=train_args.lora_alpha, target_modules=train_args.lora_target_modules)
+    targets = train_args.lora_target_modules
+    if targets is None:
+        generator = train_args.noise_generator_name_or_path
+        architecture = (NoiseGeneratorConfig.from_pretrained(generator).architecture if generator is not None
+                        else training_args.generator_architecture)
+        targets = DEFAULT_LORA_TARGETS[architecture]
+    return LoraConfig(r=train_args.lora_r, lora_alpha=train_args.lora_alpha, target_modules=targets)
 
 
 def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments):
@@ -146,7 +161,7 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         noise_generator=train_args.noise_generator_name_or_path,
-        peft_config=lora_config(train_args),
+        peft_config=lora_config(train_args, training_args),
     )
     trainer.training_command, trainer.training_config = training_command(sys.argv[1:])
     resume = training_args.resume_from_checkpoint
