@@ -18,9 +18,9 @@ then `curves.md` / `curves.png` from every row found in `--output_dir`:
 
 `--variant` trains with other settings (`VARIANTS`); `default` is the library's defaults, and every other variant is
 measured as overrides of the defaults before them (`pooled_mlp`: one MLP on the pooled prompt embedding, a pull of
-0.02 to N(0, I), no rescaling to the shell; `benchmarks/defaults.py`). `layout_oracle` is a ceiling, not a feature: the same learner
-with the generator reading each prompt's layout (its kind, where a single object is, how many a count has: 12
-classes) from its caption instead of its embeddings, so that what it gains is what a generator gains from knowing
+0.02 to N(0, I), no rescaling to the shell; `benchmarks/defaults.py`). `layout_oracle` is a ceiling, not a feature:
+the same learner with the generator reading each prompt's layout (its kind, where a single object is, how many a
+count has: 12 classes) from its caption instead of its embeddings, so that what it gains is what a generator gains from knowing
 which prompts share a noise template; `layout_oracle+embeddings` gives it the layout beside the prompt's embeddings,
 `layout_oracle+step_size=0.125` takes a quarter of the default natural step, `layout_oracle+beta=0` drops the pull to
 N(0, I). `count_oracle` is told only how many objects a count asks for (5 classes: 2 to 5, and not a count).

@@ -162,8 +162,8 @@ def training_and_inference(args: BenchmarkArguments):
     # the first cycle warms both up
     # the first cycle warms both up; a mean over whole periods counts the base comparisons' cost
     cycle, bare_cycle = statistics.mean(bare.cycle_times[1:]), statistics.median(bare.bare_times[1:])
-    print(f"training ({args.loss_type}, {config.generator_architecture}, {config.num_iterations} epochs, base comparison every {args.base_comparison_every} "
-          f"batches): {cycle:.3f} s per generation cycle vs {bare_cycle:.3f} s to sample and score the same "
+    print(f"training ({args.loss_type}, {config.generator_architecture}, {config.num_iterations} epochs, base comparison "
+          f"every {args.base_comparison_every} batches): {cycle:.3f} s per generation cycle vs {bare_cycle:.3f} s to sample and score the same "
           f"{images_per_cycle} images: ratio {cycle / bare_cycle:.3f} per training query")
 
     tuned = NoisePPOPipeline(pipe, trainer.model)
