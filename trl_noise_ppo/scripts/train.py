@@ -17,7 +17,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from ..noise_generator import NoiseGeneratorConfig
+from ..noise_generator import load_noise_generator
 from ..noise_ppo_config import NoisePPOConfig
 from ..noise_ppo_trainer import NoisePPOTrainer, check_pipeline_kwargs
 from .utils import (
@@ -137,22 +137,24 @@ def check_arguments(
     return reward_funcs, load_prompt_dataset(prompt_args), eval_dataset
 
 
-def lora_config(train_args: TrainArguments, training_args: NoisePPOConfig):
+def lora_config(train_args: TrainArguments, training_args: NoisePPOConfig, noise_generator):
+    """LoRA adapters for `noise_generator` (the given trained one, or `None` for the one the trainer builds)."""
     if not train_args.use_peft:
         return None
     from peft import LoraConfig
 
     targets = train_args.lora_target_modules
     if targets is None:
-        generator = train_args.noise_generator_name_or_path
-        architecture = (NoiseGeneratorConfig.from_pretrained(generator).architecture if generator is not None
-                        else training_args.generator_architecture)
+        architecture = training_args.generator_architecture if noise_generator is None else noise_generator.config.architecture
         targets = DEFAULT_LORA_TARGETS[architecture]
     return LoraConfig(r=train_args.lora_r, lora_alpha=train_args.lora_alpha, target_modules=targets)
 
 
 def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: ModelArguments, prompt_args: PromptArguments):
     reward_funcs, dataset, eval_dataset = check_arguments(train_args, training_args, model_args, prompt_args)
+    noise_generator = train_args.noise_generator_name_or_path
+    if noise_generator is not None:
+        noise_generator = load_noise_generator(noise_generator)
     pipeline = load_pipeline(model_args, training_args.device)
     trainer = NoisePPOTrainer(
         pipeline=pipeline,
@@ -160,8 +162,8 @@ def main(train_args: TrainArguments, training_args: NoisePPOConfig, model_args: 
         args=training_args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        noise_generator=train_args.noise_generator_name_or_path,
-        peft_config=lora_config(train_args, training_args),
+        noise_generator=noise_generator,
+        peft_config=lora_config(train_args, training_args, noise_generator),
     )
     trainer.training_command, trainer.training_config = training_command(sys.argv[1:])
     resume = training_args.resume_from_checkpoint
