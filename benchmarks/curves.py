@@ -138,6 +138,9 @@ VARIANTS.update({
                                                              "beta": 0.005, "project_to_shell": True},
     "prompt_clusters+images=2+beta=0.002+project_to_shell": {**PROMPT_CLUSTERS, "generator_cluster_image_weight": 2.0,
                                                              "beta": 0.002, "project_to_shell": True},
+    "prompt_clusters+images=2+beta=0+project_to_shell+cluster_means": {
+        **PROMPT_CLUSTERS, "generator_cluster_image_weight": 2.0, "beta": 0.0, "project_to_shell": True,
+        "generator_cluster_means": True},
 })
 VARIANTS = {"default": {}, **{name: {**POOLED_MLP_DEFAULTS, **overrides} for name, overrides in VARIANTS.items()}}
 

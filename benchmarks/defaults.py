@@ -10,6 +10,7 @@ as the benchmarks trained them, is also today's default)."""
 POOLED_MLP_DEFAULTS = {
     "generator_architecture": "pooled_mlp",
     "generator_cluster_image_weight": 0.0,
+    "generator_cluster_means": False,
     "beta": 0.02,
     "project_to_shell": False,
 }

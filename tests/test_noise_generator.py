@@ -13,7 +13,7 @@ ARCHITECTURES = ["pooled_mlp", "token_attention", "prompt_clusters"]
 
 
 def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True, architecture="pooled_mlp", token_grid=None,
-                   image_axes=None):
+                   image_axes=None, cluster_means=False):
     config = NoiseGeneratorConfig(
         architecture=architecture,
         noise_shape=list(noise_shape),
@@ -25,6 +25,7 @@ def make_generator(noise_shape=(4, 16, 16), learn_sigma=False, pooled=True, arch
         pipeline_class="StableDiffusionXLPipeline",
         learn_sigma=learn_sigma,
         num_clusters=3,
+        cluster_means=cluster_means,
     )
     generator = NoiseGenerator(config)
     if architecture == "prompt_clusters":  # one cluster for each of conditioning()'s three prompts
@@ -283,6 +284,11 @@ def test_the_method_page_states_the_generators_measured_size():
     method = (Path(__file__).parent.parent / "docs" / "method.md").read_text()
     assert "1.36M parameters for SD 1.5 and 2.06M for SDXL" in method
     assert "0.17M and 0.20M with the default 12 prompt clusters" in method
+    # a coarse mean per cluster: channels x grid_size^2
+    with_means = NoiseGeneratorConfig(noise_shape=[4, 64, 64], prompt_embeds_dim=768, architecture="prompt_clusters",
+                                      cluster_image_weight=2.0, cluster_means=True)
+    assert NoiseGenerator(with_means).num_parameters() - sizes["SD 1.5, clusters"] == 12 * 256
+    assert "adds 256 more per cluster" in method
 
 
 def test_the_public_loader_refuses_what_load_noise_generator_refuses(tmp_path):
@@ -358,6 +364,58 @@ def test_prompt_clusters_give_each_cluster_one_distribution_and_save_it(tmp_path
     loaded = NoiseGenerator.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(prompt_embeds=prompt_embeds).mean.flatten(1), means)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_cluster_means_add_each_clusters_coarse_mean_upsampled_to_the_noise(learn_sigma):
+    generator = make_generator((4, 16, 12), learn_sigma=learn_sigma, architecture="prompt_clusters", cluster_means=True)
+    inputs = conditioning()
+    mu, log_sigma = generator(**inputs)
+    assert torch.equal(mu, torch.zeros_like(mu))  # still N(0, I) untrained
+    torch.nn.init.normal_(generator.cluster_means.weight)  # the head stays zero: the mean is the clusters' alone
+    with torch.no_grad():
+        mu, log_sigma = generator(**inputs)
+    clusters = generator.grid_encoder.assign(pooled_features(generator.config, inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], None))
+    assert sorted(clusters.tolist()) == [0, 1, 2]
+    coarse = generator.cluster_means.weight.detach().T[clusters].view(3, 4, 8, 8)
+    torch.testing.assert_close(mu, torch.nn.functional.interpolate(coarse, size=(16, 12), mode="bilinear", align_corners=False))
+    assert torch.equal(log_sigma, torch.zeros_like(log_sigma))
+    # with the head's output beside it, the two add
+    torch.nn.init.normal_(generator.head.weight)
+    without = make_generator((4, 16, 12), learn_sigma=learn_sigma, architecture="prompt_clusters")
+    without.load_state_dict({k: v for k, v in generator.state_dict().items() if not k.startswith("cluster_means")})
+    with torch.no_grad():
+        torch.testing.assert_close(generator(**inputs).mean - without(**inputs).mean, mu)
+
+
+def test_cluster_means_follow_packed_noise_and_only_prompt_clusters_have_them():
+    packed = make_generator((6, 16), token_grid=[2, 3], architecture="prompt_clusters", cluster_means=True)
+    torch.nn.init.normal_(packed.cluster_means.weight)
+    image = make_generator((16, 2, 3), architecture="prompt_clusters", cluster_means=True)
+    image.load_state_dict(packed.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**conditioning()).mean, image(**conditioning()).mean.flatten(2).transpose(1, 2))
+    # for the other architectures the field is ignored, like num_clusters
+    assert make_generator(architecture="pooled_mlp", cluster_means=True).cluster_means is None
+
+
+def test_a_prompt_clusters_generator_saved_before_cluster_means_loads_without_them(tmp_path):
+    generator = make_generator(architecture="prompt_clusters")
+    torch.nn.init.normal_(generator.head.weight)
+    generator.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["cluster_means"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = NoiseGenerator.from_pretrained(tmp_path)
+    assert loaded.cluster_means is None
+    with torch.no_grad():
+        assert torch.equal(loaded(**conditioning()).mean, generator(**conditioning()).mean)
+    # and one with them keeps them
+    with_means = make_generator(architecture="prompt_clusters", cluster_means=True)
+    torch.nn.init.normal_(with_means.cluster_means.weight)
+    with_means.save_pretrained(tmp_path / "with_means")
+    loaded = NoiseGenerator.from_pretrained(tmp_path / "with_means")
+    assert torch.equal(loaded.cluster_means.weight, with_means.cluster_means.weight)
 
 
 def test_prompt_clusters_with_an_image_weight_follow_the_images_where_the_features_spread_elsewhere():

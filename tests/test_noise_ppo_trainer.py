@@ -1191,3 +1191,22 @@ def test_fewer_distinct_training_prompts_than_clusters_give_each_prompt_a_cluste
     repeated = Dataset.from_dict({"prompt": PROMPTS["prompt"][:2] * 4})
     trainer = NoisePPOTrainer(pipe, brightness, args=config, train_dataset=repeated)
     assert trainer.model.config.num_clusters == 2
+
+
+def test_a_new_prompt_clusters_generator_learns_each_clusters_coarse_mean_where_each_prompt_has_a_cluster(tmp_path):
+    pipe = build_pipeline("sd")
+    # 4 distinct prompts, 12 clusters by default: a cluster and a mean for each
+    trainer = NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path, max_steps=2), train_dataset=PROMPTS)
+    assert trainer.model.config.cluster_means
+    trainer.train()
+    weight = trainer.model.cluster_means.weight.detach().cpu()
+    assert weight.abs().sum() > 0  # trained: zero at start
+    trainer.save_model(str(tmp_path / "generator"))
+    assert torch.equal(NoiseGenerator.from_pretrained(str(tmp_path / "generator")).cluster_means.weight, weight)
+    # more distinct prompts than clusters: the clusters share the output convolution alone, unless told otherwise
+    for cluster_means, expected in ((None, False), (True, True)):
+        config = make_config(tmp_path, generator_num_clusters=2, generator_cluster_means=cluster_means)
+        assert NoisePPOTrainer(pipe, brightness, args=config, train_dataset=PROMPTS).model.config.cluster_means == expected
+    without = NoisePPOTrainer(pipe, brightness, args=make_config(tmp_path, generator_cluster_means=False), train_dataset=PROMPTS)
+    assert without.model.cluster_means is None
+    assert not any(name.startswith("cluster_means") for name in without.model.state_dict())

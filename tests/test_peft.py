@@ -128,9 +128,19 @@ def test_a_truncated_adapter_is_named(base_generator_dir, tmp_path):
 @pytest.mark.parametrize("architecture", sorted(GRID_ENCODERS))
 def test_the_default_lora_targets_of_each_architecture_are_its_prompt_reader_and_head(architecture):
     config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=16, architecture=architecture, hidden_dim=16,
-                                  grid_size=2, grid_channels=8, num_clusters=2)
+                                  grid_size=2, grid_channels=8, num_clusters=2, cluster_means=True)
     generator = get_peft_model(NoiseGenerator(config), LoraConfig(r=2, target_modules=DEFAULT_LORA_TARGETS[architecture]))
     adapted = {name.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.")
                for name, _ in generator.named_parameters() if ".lora_A" in name}
     assert adapted == set(DEFAULT_LORA_TARGETS[architecture])
     assert any(name.startswith("grid_encoder.") for name in adapted) and "head" in adapted
+
+
+@pytest.mark.parametrize("cluster_means", [True, False])
+def test_lora_adapts_a_prompt_clusters_generators_cluster_means_where_it_has_them(cluster_means):
+    config = NoiseGeneratorConfig(noise_shape=[4, 8, 8], prompt_embeds_dim=16, architecture="prompt_clusters",
+                                  grid_size=2, grid_channels=8, num_clusters=2, cluster_means=cluster_means)
+    lora = LoraConfig(r=2, target_modules=DEFAULT_LORA_TARGETS["prompt_clusters"])
+    adapted = {name.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.")
+               for name, _ in get_peft_model(NoiseGenerator(config), lora).named_parameters() if ".lora_A" in name}
+    assert adapted == {"grid_encoder.templates", "head"} | ({"cluster_means"} if cluster_means else set())

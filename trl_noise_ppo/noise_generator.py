@@ -54,6 +54,12 @@ class NoiseGeneratorConfig(PreTrainedConfig):
             stand, which their embeddings do not tell apart); a linear readout fitted on the training prompts'
             features then assigns any prompt its cluster from its features alone, so inference costs nothing more.
             Fitting costs `CLUSTER_PROBE_NOISES` images per training prompt. The docs measure `2`.
+        cluster_means (`bool`, *optional*, defaults to `False`):
+            For `"prompt_clusters"` only: whether each cluster also has a mean of the noise itself, `grid_size` x
+            `grid_size` per channel and upsampled bilinearly to the noise resolution, added to the output convolution's
+            (zero at start). The output convolution is shared by every cluster, so on its own it has to write each
+            cluster's mean from that cluster's grid, and a few prompts with their own clusters kept less apart than
+            each learns alone (docs/benchmarks.md).
         hidden_dim (`int`, *optional*, defaults to `256`):
             Width of the MLP, or of the attention, that reads the prompt.
         grid_size (`int`, *optional*, defaults to `8`):
@@ -84,6 +90,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         architecture: str = "pooled_mlp",
         num_clusters: int = 12,
         cluster_image_weight: float = 0.0,
+        cluster_means: bool = False,
         hidden_dim: int = 256,
         grid_size: int = 8,
         grid_channels: int = 64,
@@ -101,6 +108,7 @@ class NoiseGeneratorConfig(PreTrainedConfig):
         self.architecture = architecture
         self.num_clusters = num_clusters
         self.cluster_image_weight = cluster_image_weight
+        self.cluster_means = cluster_means
         self.hidden_dim = hidden_dim
         self.grid_size = grid_size
         self.grid_channels = grid_channels
@@ -318,9 +326,13 @@ class PromptClustersGridEncoder(nn.Module):
                 "This prompt_clusters generator has no clusters yet: train it with NoisePPOTrainer, which fits them on "
                 "its training prompts, or call generator.grid_encoder.fit(features) first."
             )
-        clusters = self.assign(pooled_features(self.config, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask))
-        grid = self.templates(nn.functional.one_hot(clusters, self.config.num_clusters).to(self.templates.weight.dtype))
+        grid = self.templates(self.one_hot_clusters(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask))
         return grid.view(-1, self.config.grid_channels, self.config.grid_size, self.config.grid_size)
+
+    def one_hot_clusters(self, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask) -> torch.Tensor:
+        """Each prompt's cluster, one-hot: `(batch, num_clusters)`."""
+        clusters = self.assign(pooled_features(self.config, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask))
+        return nn.functional.one_hot(clusters, self.config.num_clusters).to(self.templates.weight.dtype)
 
 
 TOKEN_ATTENTION_HEADS = 4
@@ -379,8 +391,9 @@ class NoiseGenerator(PreTrainedModel):
 
     The prompt conditioning `c` is the pipeline's own prompt embeddings. A grid encoder (`config.architecture`) turns
     them into a coarse `grid_size` x `grid_size` map, which convolutions upsample to the noise resolution, so the
-    parameter count does not grow with the noise. The last convolution is
-    zero-initialised: an untrained generator is exactly N(0, I), the base pipeline's own prior.
+    parameter count does not grow with the noise. With `config.cluster_means`, each prompt cluster's own coarse mean,
+    upsampled bilinearly, is added to the mean. The last convolution and the cluster means are zero-initialised: an
+    untrained generator is exactly N(0, I), the base pipeline's own prior.
 
     Examples:
 
@@ -434,6 +447,10 @@ class NoiseGenerator(PreTrainedModel):
         )
         out_channels = 2 * channels if config.learn_sigma else channels
         self.head = nn.Conv2d(config.grid_channels, out_channels, 3, padding=1)
+        self.cluster_means = None
+        if config.architecture == "prompt_clusters" and config.cluster_means:
+            # not drawn at random first (post_init zeroes it), so that the other modules start as without the means
+            self.cluster_means = nn.utils.skip_init(nn.Linear, config.num_clusters, channels * config.grid_size**2, bias=False)
         self.post_init()
 
     @classmethod
@@ -466,9 +483,10 @@ class NoiseGenerator(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if module is self.head:
+        if module is self.head or module is self.cluster_means:
             nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def _image_shape(self) -> tuple[int, int, int]:
         """The noise as an image: packed noise's features are its channels, its patch grid its pixels."""
@@ -508,6 +526,12 @@ class NoiseGenerator(PreTrainedModel):
             mu, log_sigma = out.split(channels, dim=1)
         else:
             mu, log_sigma = out, torch.zeros_like(out)
+        if self.cluster_means is not None:
+            one_hot = self.grid_encoder.one_hot_clusters(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
+            cluster_mean = self.cluster_means(one_hot).view(-1, channels, self.config.grid_size, self.config.grid_size)
+            if cluster_mean.shape[-2:] != (height, width):
+                cluster_mean = nn.functional.interpolate(cluster_mean, size=(height, width), mode="bilinear", align_corners=False)
+            mu = mu + cluster_mean
         if self.config.image_axes is not None:
             # channels, rows and columns in the order of their axes, then the axes of size 1 in between
             order = sorted(range(3), key=lambda i: self.config.image_axes[i])

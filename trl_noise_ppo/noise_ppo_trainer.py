@@ -337,9 +337,12 @@ class NoisePPOTrainer(_BaseTrainer):
         # the prompts a prompt_clusters generator is fitted on: at most CLUSTER_FIT_PROMPTS, spread evenly over the dataset
         cluster_rows = list(range(0, len(train_dataset), math.ceil(len(train_dataset) / CLUSTER_FIT_PROMPTS)))
         if noise_generator is None:
-            num_clusters = args.generator_num_clusters
+            num_clusters, cluster_means = args.generator_num_clusters, args.generator_cluster_means
             if args.generator_architecture == "prompt_clusters":  # fewer distinct prompts: each a cluster of its own
-                num_clusters = min(num_clusters, len({train_dataset[i]["prompt"] for i in cluster_rows}))
+                num_distinct_prompts = len({train_dataset[i]["prompt"] for i in cluster_rows})
+                num_clusters = min(num_clusters, num_distinct_prompts)
+                if cluster_means is None:  # a cluster per prompt shares nothing, so each writes its own mean
+                    cluster_means = num_distinct_prompts <= args.generator_num_clusters
             noise_generator = NoiseGenerator(
                 generator_config_for(
                     pipeline,
@@ -348,6 +351,7 @@ class NoisePPOTrainer(_BaseTrainer):
                     architecture=args.generator_architecture,
                     num_clusters=num_clusters,
                     cluster_image_weight=args.generator_cluster_image_weight,
+                    cluster_means=bool(cluster_means),
                     hidden_dim=args.generator_hidden_dim,
                     grid_size=args.generator_grid_size,
                     grid_channels=args.generator_grid_channels,

@@ -36,7 +36,7 @@ from .utils import (
 # output convolution
 DEFAULT_LORA_TARGETS = {
     "pooled_mlp": ["grid_encoder.mlp.1", "grid_encoder.mlp.3", "head"],
-    "prompt_clusters": ["grid_encoder.templates", "head"],
+    "prompt_clusters": ["grid_encoder.templates", "head", "cluster_means"],  # cluster_means where it has them
     "token_attention": ["grid_encoder.token_projection", "grid_encoder.to_grid.1", "head"],
 }
 
@@ -66,7 +66,8 @@ class TrainArguments:
             LoRA scaling numerator.
         lora_target_modules (`list[str]` or `None`, *optional*, defaults to `None`):
             Names of the generator's modules that get adapters. `None`: the layers that read the prompt into the
-            generator's grid, and its output convolution (`DEFAULT_LORA_TARGETS`, by the generator's architecture).
+            generator's grid, its output convolution and a prompt_clusters generator's cluster means where it has them
+            (`DEFAULT_LORA_TARGETS`, by the generator's architecture).
         eval_dataset_name (`str` or `None`, *optional*, defaults to `None`):
             Evaluation prompts, as `dataset_name` takes them (same `dataset_config`, `dataset_revision` and
             `prompt_column`). `None`: the training dataset's `eval_dataset_split`, if given.
