@@ -222,6 +222,9 @@ def test_bad_config_is_refused():
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], prompt_embeds_dim=8, architecture="unet"))
     with pytest.raises(ValueError, match="use architecture='pooled_mlp'"):
         NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], pooled_prompt_embeds_dim=8, architecture="token_attention"))
+    with pytest.raises(ValueError, match="cluster_means must be True or False, got 'no'"):
+        NoiseGenerator(NoiseGeneratorConfig(noise_shape=[4, 16, 16], prompt_embeds_dim=8, architecture="prompt_clusters",
+                                            cluster_means="no"))
 
 
 def save_generator_with_edited_architecture(folder) -> NoiseGeneratorConfig:

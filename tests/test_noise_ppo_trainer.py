@@ -483,6 +483,7 @@ TWO_PROMPTS = [{"prompt": p} for p in ["a red circle"] * 4 + ["a blue square"] *
         (dict(generator_architecture="pooled-mlp"), r"generator_architecture must be one of \['pooled_mlp', 'prompt_clusters', 'token_attention'\], got 'pooled-mlp'"),
         (dict(generator_cluster_image_weight=-1.0), r"generator_cluster_image_weight must be a finite number >= 0 .*got -1.0"),
         (dict(generator_cluster_image_weight=float("nan")), r"generator_cluster_image_weight must be a finite number >= 0 .*got nan"),
+        (dict(generator_cluster_means="no"), r"generator_cluster_means must be True, False or None .*got 'no'"),
     ],
 )
 def test_config_refuses_non_finite_and_out_of_range_values(tmp_path, overrides, message):

@@ -447,6 +447,8 @@ class NoiseGenerator(PreTrainedModel):
         )
         out_channels = 2 * channels if config.learn_sigma else channels
         self.head = nn.Conv2d(config.grid_channels, out_channels, 3, padding=1)
+        if config.cluster_means not in (True, False):
+            raise ValueError(f"NoiseGeneratorConfig.cluster_means must be True or False, got {config.cluster_means!r}.")
         self.cluster_means = None
         if config.architecture == "prompt_clusters" and config.cluster_means:
             # not drawn at random first (post_init zeroes it), so that the other modules start as without the means

@@ -375,6 +375,11 @@ class NoisePPOConfig(_BaseConfig):
                 f"generator_cluster_image_weight must be a finite number >= 0 (0 groups prompts by their embeddings "
                 f"alone), got {self.generator_cluster_image_weight}."
             )
+        if self.generator_cluster_means not in (None, True, False):
+            raise ValueError(
+                f"generator_cluster_means must be True, False or None (only where each training prompt has a cluster of "
+                f"its own), got {self.generator_cluster_means!r}."
+            )
         if self.loss_type not in ("natural_step", "ppo_clip"):
             raise ValueError(f"loss_type must be 'natural_step' or 'ppo_clip', got {self.loss_type!r}.")
         if not (0 < self.step_size < math.inf and 0 <= self.std_step_size < math.inf):
